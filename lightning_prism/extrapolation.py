@@ -1,0 +1,110 @@
+"""Gradual extrapolation of PRISM features and their conversion to RGB.
+
+The principal-component scores live on the final feature map (7×7 for a 224×224 ImageNet CNN).
+Gradual extrapolation walks back through the earlier, larger stage maps: at each stage it resizes
+the scores to the stage's resolution and multiplies them by the stage's channel mean of absolute
+activation, so the colours land on the image regions that the earlier layers respond to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["gradual_extrapolation", "stage_map", "to_rgb"]
+
+
+def stage_map(activation: Tensor) -> Tensor:
+    """Channel mean of absolute activation, ``mean_c |A|``, in float32.
+
+    Args:
+        activation: ``(N, c, h, w)`` activation of a stage, any floating dtype.
+
+    Returns:
+        ``(N, 1, h, w)`` float32 (float64 stays float64).
+    """
+    dtype = torch.float64 if activation.dtype == torch.float64 else torch.float32
+    return activation.abs().mean(dim=1, keepdim=True, dtype=dtype)
+
+
+def gradual_extrapolation(
+    features: Tensor, stage_maps: Sequence[Tensor], size: tuple[int, int] | None = None
+) -> Tensor:
+    """Upsample PRISM features through the stage maps of the network.
+
+    Starting from ``features``, for each stage map in *reverse* execution order the running map is
+    resized bilinearly (``align_corners=False``) to the stage's ``h×w`` and multiplied by it; the
+    result is finally resized to ``size`` if it differs. With non-negative stage maps this is the
+    published gradual extrapolation; using ``mean_c |A|`` keeps maps sharp on networks whose stage
+    outputs are linear (MobileNet, EfficientNet), where the signed mean would be noise.
+
+    Args:
+        features: ``(N, k, h, w)`` principal-component scores on the final feature map.
+        stage_maps: ``(N, 1, h_i, w_i)`` maps from :func:`stage_map`, in execution order (largest
+            resolution first).
+        size: ``(H, W)`` of the input images, or ``None`` to stop at the first stage.
+
+    Returns:
+        ``(N, k, H, W)`` extrapolated features, in the dtype of ``features``.
+
+    Example::
+
+        >>> f = torch.rand(2, 3, 7, 7)
+        >>> gradual_extrapolation(f, [torch.rand(2, 1, 28, 28), torch.rand(2, 1, 14, 14)], (56, 56)).shape
+        torch.Size([2, 3, 56, 56])
+    """
+    maps = features
+    for stage in reversed(stage_maps):
+        if stage.shape[0] != maps.shape[0] or stage.ndim != 4 or stage.shape[1] != 1:
+            raise ValueError(
+                f"stage map of shape {tuple(stage.shape)} does not fit features of shape "
+                f"{tuple(features.shape)}; expected (N, 1, h, w) with N={maps.shape[0]}"
+            )
+        maps = _resize(maps, stage.shape[-2:]) * stage.to(maps.dtype)
+    if size is not None:
+        maps = _resize(maps, size)
+    return maps
+
+
+def _resize(maps: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def to_rgb(maps: Tensor, usable: Tensor | None = None) -> Tensor:
+    """Normalise PRISM features into displayable RGB in ``[0, 1]``.
+
+    One z-score over the whole batch tensor (unbiased standard deviation), clipped to
+    ``[-1, 1]``, then one min-max over the whole batch, so colours are comparable across images.
+    A constant map becomes 0.5 grey; channels of components without variance are 0.
+
+    Args:
+        maps: ``(N, 3, H, W)`` extrapolated (or raw) features.
+        usable: ``(3,)`` boolean mask of channels that hold a real component; all by default.
+
+    Returns:
+        ``(N, 3, H, W)`` float32 in ``[0, 1]``.
+    """
+    if maps.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) maps, got shape {tuple(maps.shape)}")
+    maps = maps.to(torch.float32)
+    if usable is None:
+        usable = torch.ones(maps.shape[1], dtype=torch.bool, device=maps.device)
+    usable = usable.to(device=maps.device, dtype=torch.bool)
+    rgb = torch.zeros_like(maps)
+    values = maps[:, usable]
+    if values.numel() == 0:
+        return rgb
+    std = values.std() if values.numel() > 1 else values.new_zeros(())
+    if torch.isfinite(std) and std > 0:
+        z = ((values - values.mean()) / std).clamp(-1.0, 1.0)
+        low, high = z.min(), z.max()
+        normalised = (z - low) / (high - low) if high > low else torch.full_like(z, 0.5)
+    else:
+        normalised = torch.full_like(values, 0.5)
+    rgb[:, usable] = normalised
+    return rgb

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_prism.extrapolation import gradual_extrapolation, stage_map, to_rgb
+
+
+def reference_rgb(maps: np.ndarray) -> np.ndarray:
+    z = (maps - maps.mean()) / maps.std(ddof=1)
+    z = np.clip(z, -1, 1)
+    return (z - z.min()) / (z.max() - z.min())
+
+
+def test_stage_map_is_channel_mean_of_absolute_activation(seeded):
+    a = torch.randn(2, 5, 4, 3)
+    expected = torch.zeros(2, 1, 4, 3)
+    for channel in range(5):
+        expected += a[:, channel : channel + 1].abs() / 5
+    torch.testing.assert_close(stage_map(a), expected)
+    assert stage_map(a.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_gradual_extrapolation_follows_the_stages_in_reverse(seeded):
+    features = torch.randn(2, 3, 4, 4)
+    stages = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 8, 8)]
+    expected = F.interpolate(features, size=(8, 8), mode="bilinear", align_corners=False) * stages[1]
+    expected = F.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False) * stages[0]
+    expected = F.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(gradual_extrapolation(features, stages, (32, 32)), expected)
+    # Without a target size the result stays at the first stage's resolution.
+    assert gradual_extrapolation(features, stages).shape == (2, 3, 16, 16)
+    # Without stages it is a plain bilinear resize.
+    torch.testing.assert_close(
+        gradual_extrapolation(features, [], (8, 8)),
+        F.interpolate(features, size=(8, 8), mode="bilinear", align_corners=False),
+    )
+
+
+def test_gradual_extrapolation_rejects_a_mismatched_stage():
+    with pytest.raises(ValueError, match=r"stage map of shape \(3, 1, 8, 8\) does not fit"):
+        gradual_extrapolation(torch.rand(2, 3, 4, 4), [torch.rand(3, 1, 8, 8)])
+
+
+def test_to_rgb_matches_reference(seeded):
+    maps = torch.randn(3, 3, 5, 6) * 4 + 1
+    np.testing.assert_allclose(
+        to_rgb(maps).numpy(), reference_rgb(maps.numpy().astype(np.float64)), atol=1e-5
+    )
+
+
+def test_to_rgb_constant_map_is_grey_not_nan():
+    rgb = to_rgb(torch.full((2, 3, 4, 4), 7.0))
+    assert torch.equal(rgb, torch.full_like(rgb, 0.5))
+    assert torch.equal(to_rgb(torch.ones(1, 3, 1, 1)), torch.full((1, 3, 1, 1), 0.5))
+
+
+def test_to_rgb_missing_components_are_zero(seeded):
+    maps = torch.randn(2, 3, 4, 4)
+    maps[:, 2] = 0
+    rgb = to_rgb(maps, torch.tensor([True, True, False]))
+    assert rgb[:, 2].abs().max() == 0
+    np.testing.assert_allclose(
+        rgb[:, :2].numpy(), reference_rgb(maps[:, :2].numpy().astype(np.float64)), atol=1e-5
+    )
+    assert to_rgb(maps, torch.zeros(3, dtype=torch.bool)).abs().max() == 0

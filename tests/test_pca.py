@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lightning_prism.pca import (
+    align_components,
+    orient_components,
+    principal_components,
+    project,
+    subspace_similarity,
+)
+
+
+def reference_pca(activations: torch.Tensor, k: int = 3):
+    """Straightforward float64 PCA by full SVD of the centred (N·h·w, c) matrix."""
+    n, c, h, w = activations.shape
+    rows = activations.double().permute(0, 2, 3, 1).reshape(-1, c)
+    centred = rows - rows.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    v = vh.T[:, :k].clone()
+    for j in range(k):  # documented sign convention: largest-magnitude loading positive
+        if v[v[:, j].abs().argmax(), j] < 0:
+            v[:, j] = -v[:, j]
+    scores = centred @ v
+    return v, (s**2) / (s**2).sum(), scores.reshape(n, h, w, k).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(("n", "c", "hw"), [(2, 16, 5), (4, 64, 3), (1, 8, 7), (3, 40, 2)])
+def test_principal_components_match_full_svd(n, c, hw, seeded):
+    # Gram route (N·h·w < c) and covariance route (N·h·w ≥ c) are both covered.
+    x = torch.relu(torch.randn(n, c, hw, hw) + torch.linspace(-1, 1, c).view(1, c, 1, 1))
+    v_ref, ev_ref, scores_ref = reference_pca(x)
+    pcs = principal_components(x)
+    assert pcs.components.shape == (c, 3)
+    assert pcs.explained_variance.shape == (min(n * hw * hw, c),)
+    torch.testing.assert_close(pcs.explained_variance.double(), ev_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pcs.components.double(), v_ref, rtol=1e-4, atol=1e-4)
+    scores = project(x, pcs.components, pcs.mean)
+    rel = (scores.double() - scores_ref).norm() / scores_ref.norm()
+    assert rel < 1e-4
+    assert pcs.explained_variance.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_float64_input_stays_float64():
+    pcs = principal_components(torch.rand(2, 5, 3, 3, dtype=torch.float64))
+    assert pcs.components.dtype == torch.float64
+
+
+def test_low_precision_input_computed_in_float32():
+    x = torch.rand(2, 8, 4, 4)
+    pcs = principal_components(x.to(torch.bfloat16))
+    assert pcs.components.dtype == torch.float32
+    reference = principal_components(x.to(torch.bfloat16).float())
+    torch.testing.assert_close(pcs.components, reference.components)
+
+
+def test_too_few_pixels_leave_zero_components():
+    # Two pixels in total: one direction of variance, the other two components are zero columns.
+    x = torch.tensor([[[[0.0, 1.0]], [[2.0, 0.0]], [[1.0, 1.0]]]])  # (1, 3, 1, 2)
+    pcs = principal_components(x)
+    norms = pcs.components.norm(dim=0)
+    assert norms[0] == pytest.approx(1.0)
+    assert norms[1:].abs().max() == 0
+    assert pcs.explained_variance[0] == pytest.approx(1.0)
+
+
+def test_constant_map_has_no_components():
+    pcs = principal_components(torch.ones(2, 4, 3, 3))
+    assert pcs.components.abs().max() == 0
+    assert pcs.explained_variance.abs().max() == 0
+
+
+def test_orientation_is_the_documented_one():
+    components = torch.tensor([[0.1, -0.9], [-0.8, 0.2], [0.3, 0.1]])
+    oriented = orient_components(components)
+    torch.testing.assert_close(oriented, torch.tensor([[-0.1, 0.9], [0.8, -0.2], [-0.3, -0.1]]))
+    torch.testing.assert_close(orient_components(-components), oriented)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_alignment_restores_a_flipped_and_permuted_basis(order, seeded):
+    reference = torch.linalg.qr(torch.randn(20, 3)).Q
+    signs = torch.tensor([-1.0, 1.0, -1.0])
+    scrambled = reference[:, list(order)] * signs
+    # Small perturbation, as between two epochs of slow fine-tuning.
+    scrambled = scrambled + 0.01 * torch.randn_like(scrambled)
+    aligned, perm, s = align_components(scrambled, reference)
+    torch.testing.assert_close(aligned, reference, atol=0.05, rtol=0)
+    torch.testing.assert_close(scrambled[:, perm] * s, aligned)
+
+
+def test_alignment_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"cannot align components of shape \(4, 3\)"):
+        align_components(torch.rand(4, 3), torch.rand(5, 3))
+
+
+def test_subspace_similarity(seeded):
+    basis = torch.linalg.qr(torch.randn(10, 6)).Q
+    a, b = basis[:, :3], basis[:, 3:]
+    mixed = a @ torch.linalg.qr(torch.randn(3, 3)).Q  # same subspace, rotated and re-signed
+    assert subspace_similarity(a, mixed).item() == pytest.approx(1.0, abs=1e-5)
+    assert subspace_similarity(a, b).item() == pytest.approx(0.0, abs=1e-6)
+    half = torch.cat([a[:, :1], b[:, :2]], dim=1)  # shares one of three directions
+    assert subspace_similarity(a, half).item() == pytest.approx(1 / 3, abs=1e-5)
+    assert subspace_similarity(a, torch.zeros(10, 3)).item() == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"expected a 4-D \(N, c, h, w\) feature map, got shape \(3, 4\)"):
+        principal_components(torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"num_components must be a positive integer, got 0"):
+        principal_components(torch.rand(1, 3, 2, 2), 0)
+    with pytest.raises(ValueError, match=r"do not match a feature map with 4 channels"):
+        project(torch.rand(1, 4, 2, 2), torch.rand(5, 3), torch.rand(5))

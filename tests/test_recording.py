@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from conftest import hook_count, tiny_cnn
+from lightning_prism.recording import FeatureRecorder, resolve_module
+
+
+def record(model: nn.Module, x: torch.Tensor, **kwargs):
+    with torch.no_grad(), FeatureRecorder(model, **kwargs) as recorder:
+        model(x)
+    return recorder.recording(input_shape=x.shape)
+
+
+def test_tiny_cnn_stages_and_final():
+    rec = record(tiny_cnn(), torch.rand(2, 3, 32, 32))
+    assert rec.final_layer == "7"
+    assert rec.stage_layers == ["1", "4"]
+    assert [tuple(m.shape) for m in rec.stage_maps] == [(2, 1, 32, 32), (2, 1, 16, 16)]
+    assert rec.final.shape == (2, 32, 8, 8)
+
+
+def test_torchvision_vgg16_and_resnet50_stage_discovery():
+    rec = record(torchvision.models.vgg16(), torch.rand(1, 3, 224, 224))
+    assert rec.final_layer == "avgpool"
+    assert rec.stage_layers == ["features.3", "features.8", "features.15", "features.22", "features.29"]
+    rec = record(torchvision.models.resnet50(), torch.rand(1, 3, 96, 96))
+    assert rec.final_layer == "layer4"
+    assert rec.stage_layers == ["relu", "layer1", "layer2", "layer3"]
+
+
+class FunctionalTail(nn.Module):
+    """Like DenseNet: a functional in-place ReLU after the last module, and a functional stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.pad = nn.ZeroPad2d(1)  # enlarges the map: neither downsampling nor a new resolution
+        self.body = nn.Conv2d(4, 4, 3)  # valid conv: 10×10 back to 8×8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x) * 2)  # the tensor entering `pool` comes from a functional op
+        x = self.body(self.pad(x))
+        out = self.body(self.pad(x))  # body runs twice; its last output is the final map
+        F.relu(out, inplace=True)
+        return out.mean((2, 3))
+
+
+def test_final_map_is_read_after_the_forward_and_functional_stages_are_named():
+    model = FunctionalTail()
+    rec = record(model, torch.randn(2, 3, 16, 16))
+    assert rec.final_layer == "body"
+    assert rec.final.min() >= 0  # the functional in-place ReLU applied after `body` is included
+    assert rec.stage_layers == ["pool:input"]  # no stage at the padded 10×10
+    named = record(model, torch.randn(2, 3, 16, 16), stage_layers=["pool:input"])
+    assert named.stage_layers == ["pool:input"]
+    assert named.stage_maps[0].shape == (2, 1, 16, 16)
+
+
+def test_overrides_are_used_in_execution_order():
+    rec = record(tiny_cnn(), torch.rand(2, 3, 32, 32), final_layer="6", stage_layers=["4", "0"])
+    assert rec.final_layer == "6"
+    assert rec.final.shape == (2, 32, 8, 8)
+    assert rec.stage_layers == ["0", "4"]
+
+
+def test_hooks_are_removed_after_success_and_after_an_exception():
+    model = tiny_cnn()
+    model[3].register_forward_hook(lambda *args: None)  # the user's own hook stays
+    before = hook_count(model)
+    record(model, torch.rand(1, 3, 32, 32))
+    assert hook_count(model) == before
+    with pytest.raises(RuntimeError), FeatureRecorder(model):
+        assert hook_count(model) > before
+        model(torch.rand(1, 5, 32, 32))  # wrong channel count: conv raises mid-forward
+    assert hook_count(model) == before
+
+
+def test_recorder_cannot_be_entered_twice():
+    recorder = FeatureRecorder(tiny_cnn())
+    with recorder, pytest.raises(RuntimeError, match=r"already active"), recorder:
+        pass
+
+
+def test_unknown_names_list_the_nearest_valid_ones():
+    model = torchvision.models.resnet18()
+    with pytest.raises(
+        ValueError, match=r"'layer5' is not a module of ResNet; nearest valid names: 'layer4', 'layer3'"
+    ):
+        FeatureRecorder(model, final_layer="layer5")
+    with pytest.raises(ValueError, match=r"'layer2.0.conv9:input' is not a module"):
+        FeatureRecorder(model, stage_layers=["layer2.0.conv9:input"])
+    with pytest.raises(TypeError, match=r"stage_layers must be a list of module names"):
+        FeatureRecorder(model, stage_layers="layer1")
+    with pytest.raises(TypeError, match=r"layer names must be strings, got int"):
+        resolve_module(model, 3)  # type: ignore[arg-type]
+
+
+def test_no_spatial_feature_map_is_a_clear_error():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(
+        ValueError, match=r"no module of Sequential produced a 4-D feature map larger than 1×1"
+    ):
+        record(model, torch.rand(2, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"final_layer '1' produced shape \(2, 2\)"):
+        record(model, torch.rand(2, 3, 2, 2), final_layer="1")
+    with pytest.raises(ValueError, match=r"stage layers \['9'\] did not run or produced no 4-D tensor"):
+        record(tiny_cnn(), torch.rand(2, 3, 32, 32), stage_layers=["1", "9"])
