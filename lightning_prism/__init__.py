@@ -2,11 +2,13 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .callback import PRISMMonitor
 from .engine import PRISMResult, prism
+from .separation import class_separation
 
 try:
     __version__ = version("lightning-prism")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["PRISMResult", "__version__", "prism"]
+__all__ = ["PRISMMonitor", "PRISMResult", "__version__", "class_separation", "prism"]

@@ -1,0 +1,81 @@
+"""Small Lightning pieces shared by the callback tests and the DDP script."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from conftest import tiny_cnn
+
+
+def striped_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes of 32×32 images: vertical (0) or horizontal (1) stripes, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    phase = torch.rand(n, generator=g) * 6.28
+    grid = torch.arange(32, dtype=torch.float32)
+    images = torch.empty(n, 3, 32, 32)
+    for i in range(n):
+        wave = torch.sin(grid * 0.8 + phase[i])
+        pattern = wave.view(1, 32).expand(32, 32) if labels[i] == 0 else wave.view(32, 1).expand(32, 32)
+        images[i] = pattern + 0.3 * torch.randn(3, 32, 32, generator=g)
+    return images, labels
+
+
+class Stripes(Dataset):
+    def __init__(self, n: int = 24, seed: int = 0, as_dict: bool = False) -> None:
+        self.images, self.targets = striped_images(n, seed)
+        self.as_dict = as_dict
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        if self.as_dict:
+            return {"image": self.images[i], "label": self.targets[i]}
+        return self.images[i], int(self.targets[i])
+
+
+def make_module_class(pl):
+    """A LightningModule class for the given Lightning package (pytorch_lightning or lightning.pytorch)."""
+
+    class TinyClassifier(pl.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = tiny_cnn(num_classes=2)
+            self.hook_counts: list[int] = []
+            self.flags_ok: list[bool] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def _split(self, batch):
+            return (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+
+        def training_step(self, batch, batch_idx):
+            x, y = self._split(batch)
+            self.hook_counts.append(
+                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules())
+            )
+            self.flags_ok.append(all(m.training for m in self.modules()))
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+            x, y = self._split(batch)
+            self.hook_counts.append(
+                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules())
+            )
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    return TinyClassifier
+
+
+def loaders(batch_size: int = 8, as_dict: bool = False):
+    return (
+        DataLoader(Stripes(32, seed=1, as_dict=as_dict), batch_size=batch_size, shuffle=True),
+        DataLoader(Stripes(16, seed=2, as_dict=as_dict), batch_size=batch_size),
+    )

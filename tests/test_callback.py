@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from lit_helpers import Stripes, loaders, make_module_class
+from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_prism import PRISMMonitor, prism
+from lightning_prism.render import caption_grid
+
+TinyClassifier = make_module_class(pl)
+STEPS_PER_EPOCH = 4  # 32 training images, batch 8
+
+
+def trainer(tmp_path, callbacks, max_epochs=2, logger=True, trainer_cls=pl.Trainer, **kwargs):
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0) if logger is True else logger
+    return trainer_cls(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=tb,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=1,
+        **kwargs,
+    )
+
+
+def events(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def decode(event) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+
+def test_fit_logs_maps_every_epoch_and_the_last_equals_prism(tmp_path):
+    torch.manual_seed(0)
+    module, (train, val) = TinyClassifier(), loaders()
+    monitor = PRISMMonitor(num_images=6, class_names=["vertical", "horizontal"])
+    t = trainer(tmp_path, [monitor], max_epochs=3)
+    t.fit(module, train, val)
+
+    acc = events(t.logger.log_dir)
+    for tag in ("prism/maps", "prism/overlay"):
+        assert [e.step for e in acc.Images(tag)] == [STEPS_PER_EPOCH * k for k in (1, 2, 3)]
+    assert [e.step for e in acc.Images("prism/inputs")] == [STEPS_PER_EPOCH]
+    for i in (1, 2, 3):
+        assert len(acc.Scalars(f"prism/explained_variance/pc{i}")) == 3
+    assert [e.step for e in acc.Scalars("prism/similarity/previous")] == [8, 12]
+    separation = [e.value for e in acc.Scalars("prism/class_separation")]
+    assert len(separation) == 3 and all(0 <= s <= 1 for s in separation)
+
+    # Probe: 6 images, spread over both classes, from the validation dataset.
+    val_set = val.dataset
+    indices = monitor.state_dict()["probe_indices"]
+    assert len(indices) == 6 and sorted({int(val_set.targets[i]) for i in indices}) == [0, 1]
+
+    # The last logged map equals prism() on the probe with the final weights, to uint8 rounding.
+    images = torch.stack([val_set[i][0] for i in indices])
+    labels = [int(val_set.targets[i]) for i in indices]
+    reference = torch.tensor(monitor.state_dict()["reference"])
+    expected = prism(module, images, basis="aligned", reference=reference)
+    predictions = expected.output.argmax(1).tolist()
+    names = ["vertical", "horizontal"]
+    captions = [f"{names[y]} → {names[p]}" for y, p in zip(labels, predictions)]
+    grid = caption_grid(expected.maps, captions, [y != p for y, p in zip(labels, predictions)])
+    logged = decode(acc.Images("prism/maps")[-1])
+    assert logged.shape == grid.shape
+    assert np.abs(logged.astype(int) - grid.astype(int)).max() <= 1
+
+    # No hook of ours during training or validation steps, and train flags intact in training.
+    assert module.hook_counts and max(module.hook_counts) == 0
+    assert all(module.flags_ok)
+    # The evolution strip: a row of inputs plus one per logged epoch, one column per probe image.
+    strip = Image.open(monitor.evolution_path)
+    assert strip.size == (64 + 6 * 98 + 2, 4 * 98 + 2)
+
+
+def test_every_n_epochs_and_dict_batches(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders(as_dict=True)
+    t = trainer(tmp_path, [PRISMMonitor(num_images=4, every_n_epochs=2, prefix="dict")], max_epochs=4)
+    t.fit(TinyClassifier(), train, val)
+    acc = events(t.logger.log_dir)
+    assert [e.step for e in acc.Images("dict/maps")] == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH]
+
+
+def test_probe_from_the_chosen_validation_loader(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders()
+    second = torch.utils.data.DataLoader(Stripes(10, seed=7), batch_size=5)
+    monitor = PRISMMonitor(indices=[1, 4, 9], dataloader_idx=1)
+    trainer(tmp_path, [monitor], max_epochs=1).fit(TinyClassifier(), train, [val, second])
+    assert torch.equal(monitor._probe.images, second.dataset.images[[1, 4, 9]])
+    assert monitor._probe.labels.tolist() == second.dataset.targets[[1, 4, 9]].tolist()
+
+
+def test_resume_keeps_the_probe_and_the_basis(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders()
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    first = PRISMMonitor(num_images=5)
+    t = pl.Trainer(
+        max_epochs=1,
+        callbacks=[first, checkpoint],
+        logger=TensorBoardLogger(str(tmp_path)),
+        enable_progress_bar=False,
+    )
+    t.fit(TinyClassifier(), train, val)
+    saved = first.state_dict()
+
+    resumed = PRISMMonitor(num_images=3)  # a different default size: the checkpoint's probe wins
+    t2 = pl.Trainer(
+        max_epochs=2, callbacks=[resumed], logger=TensorBoardLogger(str(tmp_path)), enable_progress_bar=False
+    )
+    t2.fit(TinyClassifier(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.state_dict()["probe_indices"] == saved["probe_indices"]
+    assert resumed._probe.images.shape[0] == 5
+
+
+def test_validate_runs_under_inference_mode(tmp_path):
+    module, (_, val) = TinyClassifier(), loaders()
+    t = trainer(tmp_path, [PRISMMonitor(num_images=4)])
+    t.validate(module, val, verbose=False)
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 1
+
+
+def test_logger_false_is_a_setup_error(tmp_path):
+    train, val = loaders()
+    t = trainer(tmp_path, [PRISMMonitor()], logger=False)
+    with pytest.raises(
+        MisconfigurationException, match=r"Cannot use `PRISMMonitor` callback with `Trainer\(logger=False\)`"
+    ):
+        t.fit(TinyClassifier(), train, val)
+
+
+def test_unknown_layer_is_a_setup_error(tmp_path):
+    train, val = loaders()
+    t = trainer(tmp_path, [PRISMMonitor(final_layer="model.77")])
+    with pytest.raises(
+        ValueError, match=r"'model.77' is not a module of TinyClassifier; nearest valid names: 'model.7'"
+    ):
+        t.fit(TinyClassifier(), train, val)
+
+
+def test_runtime_failure_warns_once_and_training_goes_on(tmp_path):
+    train, val = loaders()
+    module = TinyClassifier()
+    # 'model.9' is the Flatten: a 2-D output, so PRISM fails at run time, every epoch.
+    t = trainer(tmp_path, [PRISMMonitor(final_layer="model.9")], max_epochs=3)
+    with pytest.warns(
+        UserWarning, match=r"PRISMMonitor skipped epoch 0: ValueError: final_layer 'model.9'"
+    ) as caught:
+        t.fit(module, train, val)
+    assert sum("PRISMMonitor skipped" in str(w.message) for w in caught) == 1
+    assert t.current_epoch == 3
+    strict = trainer(tmp_path, [PRISMMonitor(final_layer="model.9", strict=True)])
+    with pytest.raises(ValueError, match=r"final_layer 'model.9' produced shape \(8, 32\)"):
+        strict.fit(TinyClassifier(), train, val)
+
+
+def test_logger_without_images_gets_one_warning(tmp_path):
+    train, val = loaders()
+    t = trainer(tmp_path, [PRISMMonitor(num_images=4)], max_epochs=2, logger=CSVLogger(str(tmp_path)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(TinyClassifier(), train, val)
+    assert sum("cannot log images to CSVLogger" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_images": 0}, r"num_images must be an integer >= 1, got 0"),
+        ({"every_n_epochs": 1.5}, r"every_n_epochs must be an integer >= 1, got 1.5"),
+        ({"indices": []}, r"indices must be a non-empty list of dataset indices"),
+        ({"indices": [1, 1]}, r"indices must be distinct, got \[1, 1\]"),
+        ({"indices": [-1]}, r"every entry of indices must be an integer >= 0, got -1"),
+        ({"basis": "pretty"}, r"basis must be one of \('refit', 'aligned', 'fixed'\), got 'pretty'"),
+        ({"mean": [0.5]}, r"mean and std must be given together"),
+        ({"mean": [0.5, 0.5], "std": [0.5, 0.5]}, r"lists of 1 or 3 numbers"),
+        ({"mean": [0.5], "std": [0.0]}, r"std must be positive"),
+        ({"prefix": ""}, r"prefix must be a non-empty tag"),
+        ({"overlay_alpha": 2}, r"overlay_alpha must be in \[0, 1\], got 2"),
+        ({"image_key": 1.0}, r"image_key must be None \(find it\), an int position or a str key, got 1.0"),
+        ({"stage_layers": "layer1"}, r"stage_layers must be a list of module names, got the string 'layer1'"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PRISMMonitor(**kwargs)
+
+
+def test_state_key_distinguishes_monitors():
+    assert PRISMMonitor(final_layer="a").state_key != PRISMMonitor(final_layer="b").state_key
+    assert PRISMMonitor().state_key == PRISMMonitor().state_key
+    monitor = PRISMMonitor()
+    monitor.load_state_dict({})  # keys added by newer versions default sensibly
+    assert monitor.state_dict() == {"probe_indices": None, "reference": None, "first": None}
+
+
+def test_works_with_the_lightning_package_trainer(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    module_cls = make_module_class(lightning)
+    train, val = loaders()
+    logger = lightning.loggers.TensorBoardLogger(str(tmp_path), name="L", version=0)
+    t = trainer(
+        tmp_path, [PRISMMonitor(num_images=4)], max_epochs=2, logger=logger, trainer_cls=lightning.Trainer
+    )
+    t.fit(module_cls(), train, val)
+    assert [e.step for e in events(logger.log_dir).Images("prism/maps")] == [4, 8]
