@@ -145,7 +145,7 @@ def evolution_strip(
     )
     draw = ImageDraw.Draw(canvas)
     font = _font(max(10, tile // 7))
-    for r, (images, label) in enumerate([(inputs, "input"), *zip(rows, row_labels)]):
+    for r, (images, label) in enumerate([(inputs, "input"), *zip(rows, row_labels, strict=True)]):
         if images.shape[0] != n:
             raise ValueError(f"row {label!r} has {images.shape[0]} images, expected {n}")
         y = PADDING + r * step

@@ -75,8 +75,8 @@ def test_fit_logs_maps_every_epoch_and_the_last_equals_prism(tmp_path):
     expected = prism(module, images, basis="aligned", reference=reference)
     predictions = expected.output.argmax(1).tolist()
     names = ["vertical", "horizontal"]
-    captions = [f"{names[y]} → {names[p]}" for y, p in zip(labels, predictions)]
-    grid = caption_grid(expected.maps, captions, [y != p for y, p in zip(labels, predictions)])
+    captions = [f"{names[y]} → {names[p]}" for y, p in zip(labels, predictions, strict=True)]
+    grid = caption_grid(expected.maps, captions, [y != p for y, p in zip(labels, predictions, strict=True)])
     logged = decode(acc.Images("prism/maps")[-1])
     assert logged.shape == grid.shape
     assert np.abs(logged.astype(int) - grid.astype(int)).max() <= 1
