@@ -29,7 +29,7 @@ def class_separation(features: Tensor, labels: Tensor) -> Tensor | None:
 
         >>> f = torch.tensor([0.0, 0.1, 5.0, 5.1]).view(4, 1, 1, 1)
         >>> round(class_separation(f, torch.tensor([0, 0, 1, 1])).item(), 4)
-        0.9992
+        0.9996
     """
     if features.ndim != 4 or labels.ndim != 1 or labels.shape[0] != features.shape[0]:
         raise ValueError(

@@ -79,3 +79,18 @@ def loaders(batch_size: int = 8, as_dict: bool = False):
         DataLoader(Stripes(32, seed=1, as_dict=as_dict), batch_size=batch_size, shuffle=True),
         DataLoader(Stripes(16, seed=2, as_dict=as_dict), batch_size=batch_size),
     )
+
+
+def make_datamodule_class(pl):
+    class StripesData(pl.LightningDataModule):
+        def __init__(self, batch_size: int = 8) -> None:
+            super().__init__()
+            self.batch_size = batch_size
+
+        def train_dataloader(self):
+            return loaders(self.batch_size)[0]
+
+        def val_dataloader(self):
+            return loaders(self.batch_size)[1]
+
+    return StripesData

@@ -1,0 +1,50 @@
+"""Two CPU processes under strategy="ddp": run by tests/test_distributed.py as a script.
+
+Lightning's DDP launcher re-runs this script once per extra rank, so it must be a plain script.
+Each rank writes what it saw into OUT_DIR; rank zero alone should write TensorBoard images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from lit_helpers import loaders, make_module_class
+
+from lightning_prism import PRISMMonitor
+
+
+class Record(pl.Callback):
+    def __init__(self, monitor: PRISMMonitor, out_dir: str) -> None:
+        self.monitor, self.out_dir = monitor, out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        probe = self.monitor._probe
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"indices": probe.indices, "images_sum": float(probe.images.sum())}, f)
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    torch.manual_seed(0)
+    monitor = PRISMMonitor(num_images=4)
+    train, val = loaders()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=[monitor, Record(monitor, out_dir)],
+        logger=TensorBoardLogger(out_dir, name="tb", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(make_module_class(pl)(), train, val)
