@@ -1,0 +1,112 @@
+"""Cost of PRISMMonitor in a small ``fit``: wall time with and without it, in one run.
+
+Prints the wall time of the same ``fit`` (same seed, data and model) without and with the callback,
+their ratio, the time the callback spent in its own probe pass (measured inside the run), and the
+ratio once that probe pass is subtracted (target ≤ 1.03: training and validation steps pay nothing
+else). On a GPU it also prints the device memory of the callback's probe pass.
+
+    python benchmarks/bench_callback.py [--epochs 3] [--probe 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prism import PRISMMonitor
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class TimedMonitor(PRISMMonitor):
+    """PRISMMonitor that records the wall time and device memory of its own probe pass."""
+
+    seconds = 0.0
+    peak_bytes = 0
+
+    def _run(self, trainer, pl_module):
+        cuda = pl_module.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        super()._run(trainer, pl_module)
+        if cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - before)
+        self.seconds += time.perf_counter() - start
+
+
+def fit(callbacks: list, epochs: int, out: str) -> float:
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(1024, 3, 64, 64, generator=g), torch.randint(0, 10, (1024,), generator=g)
+    )
+    val = TensorDataset(torch.randn(256, 3, 64, 64, generator=g), torch.randint(0, 10, (256,), generator=g))
+    trainer = pl.Trainer(
+        max_epochs=epochs, callbacks=callbacks, logger=TensorBoardLogger(out), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, accelerator="auto",
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(Net(), DataLoader(data, batch_size=64), DataLoader(val, batch_size=64))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--probe", type=int, default=8)
+    parser.add_argument("--out", default="/tmp/prism_bench_callback")
+    args = parser.parse_args()
+    fit([], 1, args.out)  # warm-up
+    without = fit([], args.epochs, args.out)
+    monitor = TimedMonitor(num_images=args.probe)
+    with_cb = fit([monitor], args.epochs, args.out)
+    print(
+        "| fit without (s) | fit with PRISMMonitor (s) | ratio | probe pass (s) | ratio without the probe pass |"
+    )
+    print("|---|---|---|---|---|")
+    print(
+        f"| {without:.2f} | {with_cb:.2f} | {with_cb / without:.3f} | {monitor.seconds:.2f} "
+        f"| {(with_cb - monitor.seconds) / without:.3f} |"
+    )
+    if monitor.peak_bytes:
+        print(f"\ndevice memory of the probe pass: {monitor.peak_bytes / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
