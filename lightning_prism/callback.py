@@ -18,7 +18,8 @@ from .engine import BASES, PRISMResult, prism
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
 from .recording import resolve_module
-from .render import caption_grid, denormalize, evolution_strip, overlay, to_uint8
+from .render import caption_grid, denormalize, overlay, to_uint8
+from .render import evolution_strip as render_evolution_strip
 from .separation import class_separation
 
 __all__ = ["PRISMMonitor"]
@@ -236,7 +237,7 @@ class PRISMMonitor(Callback):
         )
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{self.prefix.replace('/', '_')}_evolution.png")
-        evolution_strip(self._strip_inputs, self._strip_rows, self._strip_labels).save(path)
+        render_evolution_strip(self._strip_inputs, self._strip_rows, self._strip_labels).save(path)
         self.evolution_path = path
 
     # ------------------------------------------------------------------ work

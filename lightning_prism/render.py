@@ -92,8 +92,8 @@ def caption_grid(
         ``(H', W', 3)`` uint8 image.
     """
     n, _, h, w = tiles.shape
-    grid = make_grid(tiles.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=1.0)
     if captions is None:
+        grid = make_grid(tiles.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=1.0)
         return to_uint8(grid[None])[0]
     if len(captions) != n:
         raise ValueError(f"got {len(captions)} captions for {n} tiles")
@@ -102,18 +102,17 @@ def caption_grid(
     strip = font_size + 6
     columns = min(nrow, n)
     rows = (n + columns - 1) // columns
-    base = Image.fromarray(to_uint8(grid[None])[0])
-    canvas = Image.new("RGB", (base.width, base.height + rows * strip), (255, 255, 255))
+    size = (PADDING + columns * (w + PADDING), PADDING + rows * (h + strip + PADDING))
+    canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = _font(font_size)
-    for i in range(n):
+    for i, tile in enumerate(to_uint8(tiles)):
         r, c = divmod(i, columns)
         x0, y0 = PADDING + c * (w + PADDING), PADDING + r * (h + PADDING + strip)
-        canvas.paste(
-            base.crop((x0, PADDING + r * (h + PADDING), x0 + w, PADDING + r * (h + PADDING) + h)), (x0, y0)
+        canvas.paste(Image.fromarray(tile), (x0, y0))
+        draw.rectangle(
+            (x0, y0 + h, x0 + w - 1, y0 + h + strip - 1), fill=MISMATCH if marks[i] else (40, 40, 40)
         )
-        bar = (x0, y0 + h, x0 + w - 1, y0 + h + strip - 1)
-        draw.rectangle(bar, fill=MISMATCH if marks[i] else (40, 40, 40))
         if marks[i]:
             draw.rectangle((x0, y0, x0 + w - 1, y0 + h + strip - 1), outline=MISMATCH, width=max(2, w // 64))
         draw.text((x0 + 3, y0 + h + 2), captions[i], fill=MATCH, font=font)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import tiny_cnn
+from conftest import hook_count, tiny_cnn
 
 
 def striped_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +55,13 @@ def make_module_class(pl):
 
         def training_step(self, batch, batch_idx):
             x, y = self._split(batch)
-            self.hook_counts.append(
-                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules())
-            )
+            self.hook_counts.append(hook_count(self))
             self.flags_ok.append(all(m.training for m in self.modules()))
             return torch.nn.functional.cross_entropy(self(x), y)
 
         def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
             x, y = self._split(batch)
-            self.hook_counts.append(
-                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules())
-            )
+            self.hook_counts.append(hook_count(self))
             self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
 
         def configure_optimizers(self):
