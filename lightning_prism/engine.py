@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .extrapolation import gradual_extrapolation, to_rgb
-from .pca import align_components, principal_components, project
+from .pca import align_components, explained_variance, principal_components, project
 from .recording import FeatureRecorder
 
 __all__ = ["BASES", "PRISMResult", "prism"]
@@ -30,7 +31,10 @@ class PRISMResult:
             third principal component.
         features: ``(N, 3, h, w)`` principal-component scores on the final feature map.
         explained_variance: ``(K,)`` share of the variance of every component of the batch PCA,
-            decreasing, summing to 1 (``K = min(N·h·w, c)``).
+            decreasing, summing to 1 (``K = min(N·h·w, c)``). Computed on first access (an
+            exact eigendecomposition, the one costly part of PCA, which ``prism()`` itself avoids
+            by iterating on the top three axes only); the first three entries are the colours'.
+        final: ``(N, c, h, w)`` the final feature map as recorded (kept for ``explained_variance``).
         components: ``(c, 3)`` principal axes (channel loadings) behind the three colours.
         mean: ``(c,)`` channel mean used for centring.
         final_layer: name of the module whose output is the final feature map.
@@ -40,12 +44,18 @@ class PRISMResult:
 
     maps: Tensor
     features: Tensor
-    explained_variance: Tensor
+    final: Tensor
     components: Tensor
     mean: Tensor
     final_layer: str
     stage_layers: list[str]
     output: Any
+
+    @cached_property
+    def explained_variance(self) -> Tensor:
+        """``(K,)`` share of the variance of every principal component (see the attributes)."""
+        with torch.no_grad(), torch.autocast(self.final.device.type, enabled=False):
+            return explained_variance(self.final)
 
 
 def prism(
@@ -142,7 +152,7 @@ def prism(
     return PRISMResult(
         maps=rgb,
         features=features.to(torch.float32),
-        explained_variance=pcs.explained_variance,
+        final=final,
         components=components,
         mean=pcs.mean,
         final_layer=recording.final_layer,

@@ -17,17 +17,35 @@ from torch import Tensor
 __all__ = ["gradual_extrapolation", "stage_map", "to_rgb"]
 
 
+#: Elements of an activation reduced at once by :func:`stage_map` (a few MB of temporaries).
+STAGE_MAP_CHUNK = 1 << 21
+
+
 def stage_map(activation: Tensor) -> Tensor:
     """Channel mean of absolute activation, ``mean_c |A|``, in float32.
+
+    Computed a few images at a time, so the temporary ``|A|`` stays small (this is several times
+    faster on the CPU than one pass over the batch, and adds no activation-sized buffer to the
+    peak memory).
 
     Args:
         activation: ``(N, c, h, w)`` activation of a stage, any floating dtype.
 
     Returns:
         ``(N, 1, h, w)`` float32 (float64 stays float64).
+
+    Example::
+
+        >>> stage_map(torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]]))
+        tensor([[[[2., 1.]]]])
     """
     dtype = torch.float64 if activation.dtype == torch.float64 else torch.float32
-    return activation.abs().mean(dim=1, keepdim=True, dtype=dtype)
+    n = activation.shape[0]
+    out = torch.empty((n, 1, *activation.shape[2:]), dtype=dtype, device=activation.device)
+    rows = max(1, STAGE_MAP_CHUNK // max(1, activation[:1].numel()))
+    for i in range(0, n, rows):
+        out[i : i + rows] = activation[i : i + rows].abs().mean(dim=1, keepdim=True, dtype=dtype)
+    return out
 
 
 def gradual_extrapolation(
@@ -95,16 +113,25 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None) -> Tensor:
     if usable is None:
         usable = torch.ones(maps.shape[1], dtype=torch.bool, device=maps.device)
     usable = usable.to(device=maps.device, dtype=torch.bool)
-    rgb = torch.zeros_like(maps)
-    values = maps[:, usable]
+    every = bool(usable.all())
+    values = maps if every else maps[:, usable]
     if values.numel() == 0:
-        return rgb
-    std = values.std() if values.numel() > 1 else values.new_zeros(())
+        return torch.zeros_like(maps)
+    mean = values.mean()
+    std = values.std() if values.numel() > 1 else values.new_zeros(())  # faster than std_mean
     if torch.isfinite(std) and std > 0:
-        z = ((values - values.mean()) / std).clamp(-1.0, 1.0)
-        low, high = z.min(), z.max()
-        normalised = (z - low) / (high - low) if high > low else torch.full_like(z, 0.5)
+        # z-score clipped to [-1, 1], then min-max: in the values' own units this is a clamp to
+        # [max(min, mean - std), min(max, mean + std)] and one affine map (fewer passes).
+        minimum, maximum = torch.aminmax(values)
+        low, high = torch.maximum(minimum, mean - std), torch.minimum(maximum, mean + std)
+        if high > low:
+            normalised = values.clamp(low, high).sub_(low).div_(high - low)
+        else:
+            normalised = torch.full_like(values, 0.5)
     else:
         normalised = torch.full_like(values, 0.5)
+    if every:
+        return normalised
+    rgb = torch.zeros_like(maps)
     rgb[:, usable] = normalised
     return rgb

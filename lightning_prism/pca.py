@@ -10,19 +10,32 @@ the tensors' device in at least float32.
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "METHODS",
     "PrincipalComponents",
     "align_components",
+    "explained_variance",
     "orient_components",
     "principal_components",
     "project",
     "subspace_similarity",
 ]
+
+
+Method = Literal["auto", "exact", "iterative"]
+METHODS: tuple[str, ...] = ("auto", "exact", "iterative")
+#: Below this many rows or channels the exact eigendecomposition is as fast as iterating.
+ITERATIVE_MIN_SIZE = 128
+#: Extra directions iterated alongside the ``k`` wanted ones (block size ``k + OVERSAMPLING``).
+OVERSAMPLING = 13
+MAX_ITERATIONS = 64
+#: Convergence: every wanted Ritz pair's residual is below this fraction of its eigengap.
+TOLERANCE = 1e-4
 
 
 class PrincipalComponents(NamedTuple):
@@ -32,8 +45,9 @@ class PrincipalComponents(NamedTuple):
         components: ``(c, k)`` orthonormal channel loadings of the top ``k`` components, oriented by
             :func:`orient_components`. A component without variance (the batch has too few
             distinct pixels) is a zero column.
-        explained_variance: ``(K,)`` share of the total variance of every component,
-            ``K = min(N·h·w, c)``, in decreasing order; sums to 1 (all zeros for a constant map).
+        explained_variance: ``(k,)`` share of the total variance in each of these components, in
+            decreasing order (all zeros for a constant map). The shares of *all* components come
+            from :func:`explained_variance`.
         mean: ``(c,)`` column mean over all ``N·h·w`` pixels, used for centring.
     """
 
@@ -50,61 +64,160 @@ def _pixel_rows(activations: Tensor) -> Tensor:
     return activations.permute(0, 2, 3, 1).reshape(-1, activations.shape[1]).to(dtype)
 
 
-def principal_components(activations: Tensor, num_components: int = 3) -> PrincipalComponents:
-    """Principal axes of all pixels of a batch of feature maps.
-
-    The ``N·h·w`` pixel rows are centred by their mean over the whole batch. The symmetric
-    eigendecomposition of the smaller of the Gram matrix ``X Xᵀ`` and the covariance ``Xᵀ X``
-    gives every component exactly, at ``O(min(N·h·w, c)³)`` cost (see ``benchmarks/``).
-
-    Args:
-        activations: ``(N, c, h, w)`` feature maps, any floating dtype; computed in float32
-            (float64 stays float64).
-        num_components: how many axes to return (``k``).
-
-    Returns:
-        :class:`PrincipalComponents` with ``components`` ``(c, k)``, ``explained_variance``
-        ``(K,)`` and ``mean`` ``(c,)``.
-
-    Raises:
-        ValueError: if ``activations`` is not 4-D or ``num_components`` is not positive.
-
-    Example::
-
-        >>> pcs = principal_components(torch.rand(2, 16, 7, 7))
-        >>> pcs.components.shape, pcs.explained_variance.shape
-        (torch.Size([16, 3]), torch.Size([16]))
-    """
-    if num_components < 1:
-        raise ValueError(f"num_components must be a positive integer, got {num_components}")
+def _centred(activations: Tensor) -> tuple[Tensor, Tensor]:
     rows = _pixel_rows(activations)
     mean = rows.mean(dim=0)
-    centred = rows - mean
+    return rows - mean, mean
+
+
+def _spectrum(centred: Tensor) -> Tensor:
+    """Every eigenvalue of ``Xᵀ X`` (the squared singular values of ``X``), decreasing."""
+    num_rows, channels = centred.shape
+    gram = centred @ centred.T if num_rows < channels else centred.T @ centred
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def _exact(centred: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top ``k`` eigenpairs of ``Xᵀ X`` from the eigendecomposition of the smaller Gram matrix."""
     num_rows, channels = centred.shape
     if num_rows < channels:
         eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T)
     else:
         eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
-    eigenvalues = eigenvalues.flip(0).clamp_min(0)
-    vectors = vectors.flip(1)
-
-    k = min(num_components, eigenvalues.numel())
-    top = eigenvalues[:k]
-    tolerance = torch.finfo(rows.dtype).eps * max(num_rows, channels) * eigenvalues[0]
-    usable = (top > tolerance) & (top > 0)
+    eigenvalues = eigenvalues.flip(0)[:k].clamp_min(0)
+    vectors = vectors.flip(1)[:, :k]
     if num_rows < channels:
         # Left singular vectors u_i = vectors[:, i]; loadings v_i = Xᵀ u_i / s_i.
-        singular = top.sqrt().where(usable, torch.ones_like(top))
-        loadings = (centred.T @ vectors[:, :k]) / singular
-    else:
-        loadings = vectors[:, :k]
+        singular = eigenvalues.sqrt().where(eigenvalues > 0, torch.ones_like(eigenvalues))
+        vectors = (centred.T @ vectors) / singular
+    return eigenvalues, vectors
+
+
+def _matmul_eps(t: Tensor) -> float:
+    """Relative rounding of a matrix product, including TF32/bfloat16 float32 matmul modes."""
+    if t.dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "high":
+            return 2.0**-10  # TF32 mantissa
+        if precision == "medium":
+            return 2.0**-7  # bfloat16 mantissa
+    return float(torch.finfo(t.dtype).eps)
+
+
+def _iterative(centred: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Top ``k`` eigenpairs of ``Xᵀ X`` by block subspace iteration with Rayleigh–Ritz.
+
+    Each iteration multiplies a ``(c, k + OVERSAMPLING)`` orthonormal block by ``Xᵀ X`` (two thin
+    matrix products, never forming ``Xᵀ X``), takes the Ritz pairs of the block and stops once
+    every wanted pair's residual ``‖Xᵀ X v − λ v‖`` is below ``TOLERANCE`` times its gap to the
+    neighbouring Ritz values (which bounds the angle to the true axis) or at float rounding level.
+    The start block comes from a fixed seed, so the result is deterministic. Returns ``None`` if
+    the iteration does not converge (nearly equal eigenvalues); the caller then uses the exact route.
+    """
+    channels = centred.shape[1]
+    block = min(k + OVERSAMPLING, channels)
+    generator = torch.Generator(device=centred.device).manual_seed(0)
+    start = torch.randn(channels, block, generator=generator, device=centred.device, dtype=centred.dtype)
+    basis = torch.linalg.qr(start).Q
+    rounding = 8 * _matmul_eps(centred)
+    for _ in range(MAX_ITERATIONS):
+        image = centred.T @ (centred @ basis)  # (Xᵀ X) basis
+        values, rotation = torch.linalg.eigh(basis.T @ image)
+        values, rotation = values.flip(0), rotation.flip(1)
+        vectors, image = basis @ rotation, image @ rotation  # Ritz vectors V and (Xᵀ X) V
+        residual = (image[:, :k] - vectors[:, :k] * values[:k]).norm(dim=0)
+        steps = values[:-1] - values[1:]
+        before = torch.cat([steps.new_full((1,), float("inf")), steps[: k - 1]])
+        gap = torch.minimum(before, steps[:k]) if steps.numel() >= k else before
+        if bool((residual <= torch.maximum(TOLERANCE * gap, rounding * values[0])).all()):
+            return values[:k].clamp_min(0), vectors[:, :k]
+        basis = torch.linalg.qr(image).Q
+    return None
+
+
+def principal_components(
+    activations: Tensor, num_components: int = 3, *, method: Method = "auto"
+) -> PrincipalComponents:
+    """Principal axes of all pixels of a batch of feature maps.
+
+    The ``N·h·w`` pixel rows are centred by their mean over the whole batch. Two routes give the
+    same axes (to about ``1e-4`` relative error in the scores, float32 rounding aside):
+
+    * ``"exact"``: the symmetric eigendecomposition of the smaller of the Gram matrix ``X Xᵀ``
+      and the covariance ``Xᵀ X``, at ``O(min(N·h·w, c)³)`` cost;
+    * ``"iterative"``: block subspace iteration with Rayleigh–Ritz on the top few axes only, a
+      handful of thin matrix products (``O(N·h·w·c)`` each), ten or more times faster for batches of
+      32 images of 512 to 2048 channels (see ``benchmarks/``). It falls back to ``"exact"`` if
+      it does not converge.
+
+    ``"auto"`` iterates when both dimensions are at least ``ITERATIVE_MIN_SIZE``.
+
+    Args:
+        activations: ``(N, c, h, w)`` feature maps, any floating dtype; computed in float32
+            (float64 stays float64).
+        num_components: how many axes to return (``k``).
+        method: ``"auto"``, ``"exact"`` or ``"iterative"``.
+
+    Returns:
+        :class:`PrincipalComponents` with ``components`` ``(c, k)``, ``explained_variance``
+        ``(k,)`` and ``mean`` ``(c,)``.
+
+    Raises:
+        ValueError: if ``activations`` is not 4-D, ``num_components`` is not positive or ``method``
+            is unknown.
+
+    Example::
+
+        >>> pcs = principal_components(torch.rand(2, 16, 7, 7))
+        >>> pcs.components.shape, pcs.explained_variance.shape
+        (torch.Size([16, 3]), torch.Size([3]))
+    """
+    if num_components < 1:
+        raise ValueError(f"num_components must be a positive integer, got {num_components}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    centred, mean = _centred(activations)
+    num_rows, channels = centred.shape
+    k = min(num_components, num_rows, channels)
+    total = centred.square().sum()
+    found = None
+    iterate = method == "iterative" or min(num_rows, channels) >= ITERATIVE_MIN_SIZE
+    if method != "exact" and iterate and total > 0 and k < min(num_rows, channels):
+        found = _iterative(centred, k)
+    eigenvalues, loadings = found if found is not None else _exact(centred, k)
+
+    tolerance = torch.finfo(centred.dtype).eps * max(num_rows, channels) * eigenvalues[0]
+    usable = (eigenvalues > tolerance) & (eigenvalues > 0)
     loadings = loadings * usable.to(loadings.dtype)
+    explained = eigenvalues / total if total > 0 else torch.zeros_like(eigenvalues)
     if k < num_components:
         loadings = torch.cat([loadings, loadings.new_zeros(channels, num_components - k)], dim=1)
-
-    total = eigenvalues.sum()
-    explained = eigenvalues / total if total > 0 else torch.zeros_like(eigenvalues)
+        explained = torch.cat([explained, explained.new_zeros(num_components - k)])
     return PrincipalComponents(orient_components(loadings), explained, mean)
+
+
+def explained_variance(activations: Tensor) -> Tensor:
+    """Share of the total variance in every principal component of a batch of feature maps.
+
+    The eigenvalues of the smaller of ``X Xᵀ`` and ``Xᵀ X`` (exact, ``O(min(N·h·w, c)³)``) over
+    their sum; the first ``k`` equal :func:`principal_components`'s ``explained_variance``.
+
+    Args:
+        activations: ``(N, c, h, w)`` feature maps, any floating dtype.
+
+    Returns:
+        ``(K,)`` shares in decreasing order, ``K = min(N·h·w, c)``, summing to 1 (all zeros for a
+        constant map); float32 (float64 stays float64).
+
+    Example::
+
+        >>> explained_variance(torch.rand(2, 16, 7, 7)).shape
+        torch.Size([16])
+    """
+    centred, _ = _centred(activations)
+    spectrum = _spectrum(centred)
+    total = spectrum.sum()
+    return spectrum / total if total > 0 else torch.zeros_like(spectrum)
 
 
 def orient_components(components: Tensor) -> Tensor:
@@ -143,7 +256,7 @@ def project(activations: Tensor, components: Tensor, mean: Tensor) -> Tensor:
         )
     rows = _pixel_rows(activations).to(components.dtype)
     scores = (rows - mean.to(components.dtype)) @ components
-    return scores.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    return scores.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()  # NCHW: fast to resize
 
 
 def align_components(components: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:

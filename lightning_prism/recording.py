@@ -129,6 +129,7 @@ class _StageCandidate:
     start: int  # call index of the downsampling module: smaller = outer / earlier
     name: str
     map: Tensor
+    source: weakref.ref[Tensor]  # the activation the map was computed from
 
 
 class FeatureRecorder:
@@ -263,7 +264,9 @@ class FeatureRecorder:
                 known = self._candidates.get(in_hw)
                 if known is None or start < known.start:
                     stage = producer if producer is not None else name + INPUT_SUFFIX
-                    self._candidates[in_hw] = _StageCandidate(start, stage, stage_map(x))
+                    if known is None or known.source() is not x:  # nested reducers share inputs
+                        known = _StageCandidate(start, stage, stage_map(x), weakref.ref(x))
+                    self._candidates[in_hw] = _StageCandidate(start, stage, known.map, known.source)
             self._producers[id(output)] = (name, weakref.ref(output))
             if in_hw is not None and out_hw != in_hw and out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
                 self._padded[id(output)] = weakref.ref(output)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_prism import extrapolation
 from lightning_prism.extrapolation import gradual_extrapolation, stage_map, to_rgb
 
 
@@ -14,9 +15,11 @@ def reference_rgb(maps: np.ndarray) -> np.ndarray:
     return (z - z.min()) / (z.max() - z.min())
 
 
-def test_stage_map_is_channel_mean_of_absolute_activation(seeded):
-    a = torch.randn(2, 5, 4, 3)
-    expected = torch.zeros(2, 1, 4, 3)
+@pytest.mark.parametrize("chunk", [1, 60, 1 << 21])  # one image, two images, the whole batch at once
+def test_stage_map_is_channel_mean_of_absolute_activation(chunk, monkeypatch, seeded):
+    monkeypatch.setattr(extrapolation, "STAGE_MAP_CHUNK", chunk)
+    a = torch.randn(5, 5, 4, 3)
+    expected = torch.zeros(5, 1, 4, 3)
     for channel in range(5):
         expected += a[:, channel : channel + 1].abs() / 5
     torch.testing.assert_close(stage_map(a), expected)

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
 
+from lightning_prism import pca
 from lightning_prism.pca import (
+    _iterative,
     align_components,
+    explained_variance,
     orient_components,
     principal_components,
     project,
@@ -28,20 +32,49 @@ def reference_pca(activations: torch.Tensor, k: int = 3):
     return v, (s**2) / (s**2).sum(), scores.reshape(n, h, w, k).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize(("n", "c", "hw"), [(2, 16, 5), (4, 64, 3), (1, 8, 7), (3, 40, 2)])
-def test_principal_components_match_full_svd(n, c, hw, seeded):
-    # Gram route (N·h·w < c) and covariance route (N·h·w ≥ c) are both covered.
+@pytest.mark.parametrize("method", ["exact", "iterative"])
+@pytest.mark.parametrize(("n", "c", "hw"), [(2, 16, 5), (4, 64, 3), (1, 8, 7), (3, 40, 2), (4, 160, 7)])
+def test_principal_components_match_full_svd(n, c, hw, method, seeded):
+    # Gram route (N·h·w < c) and covariance route (N·h·w ≥ c) are both covered, by both methods.
     x = torch.relu(torch.randn(n, c, hw, hw) + torch.linspace(-1, 1, c).view(1, c, 1, 1))
     v_ref, ev_ref, scores_ref = reference_pca(x)
-    pcs = principal_components(x)
+    pcs = principal_components(x, method=method)
     assert pcs.components.shape == (c, 3)
-    assert pcs.explained_variance.shape == (min(n * hw * hw, c),)
-    torch.testing.assert_close(pcs.explained_variance.double(), ev_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pcs.explained_variance.double(), ev_ref[:3], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pcs.components.double(), v_ref, rtol=1e-4, atol=1e-4)
     scores = project(x, pcs.components, pcs.mean)
-    rel = (scores.double() - scores_ref).norm() / scores_ref.norm()
-    assert rel < 1e-4
-    assert pcs.explained_variance.sum().item() == pytest.approx(1.0, abs=1e-5)
+    rel = torch.linalg.vector_norm(scores.double() - scores_ref, dim=(0, 2, 3)) / torch.linalg.vector_norm(
+        scores_ref, dim=(0, 2, 3)
+    )
+    assert rel.max() < 1e-4
+    spectrum = explained_variance(x)
+    assert spectrum.shape == (min(n * hw * hw, c),)
+    torch.testing.assert_close(spectrum.double(), ev_ref, rtol=1e-4, atol=1e-6)
+    assert spectrum.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_auto_iterates_on_large_maps_and_matches_exact(seeded):
+    x = torch.relu(torch.randn(4, 256, 7, 7) + torch.linspace(-1, 1, 256).view(1, 256, 1, 1))
+    exact = principal_components(x, method="exact")
+    with mock.patch("lightning_prism.pca._exact", side_effect=AssertionError("exact route taken")):
+        auto = principal_components(x)
+    torch.testing.assert_close(auto.components, exact.components, rtol=0, atol=1e-4)
+    torch.testing.assert_close(auto.explained_variance, exact.explained_variance, rtol=1e-4, atol=0)
+
+
+def test_iteration_gives_up_on_a_flat_spectrum_and_exact_route_takes_over(seeded):
+    # The third axis is separated from a hundred others by a relative gap of 1e-7: subspace
+    # iteration cannot pin it down within its budget, so the exact route must answer.
+    singular = torch.cat([torch.tensor([10.0, 5.0]), 1 + 1e-7 * torch.arange(100, 0, -1)]).double()
+    left = torch.linalg.qr(torch.randn(400, 102, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(150, 102, dtype=torch.float64)).Q
+    rows = left * singular @ right.T
+    x = rows.T.reshape(1, 150, 20, 20)
+    assert _iterative(rows - rows.mean(0), 3) is None
+    with mock.patch("lightning_prism.pca._exact", wraps=pca._exact) as exact:
+        pcs = principal_components(x, method="iterative")
+    assert exact.call_count == 1
+    torch.testing.assert_close(pcs.components, principal_components(x, method="exact").components)
 
 
 def test_float64_input_stays_float64():
@@ -64,13 +97,14 @@ def test_too_few_pixels_leave_zero_components():
     norms = pcs.components.norm(dim=0)
     assert norms[0] == pytest.approx(1.0)
     assert norms[1:].abs().max() == 0
-    assert pcs.explained_variance[0] == pytest.approx(1.0)
+    assert pcs.explained_variance.tolist() == pytest.approx([1.0, 0.0, 0.0])
 
 
 def test_constant_map_has_no_components():
     pcs = principal_components(torch.ones(2, 4, 3, 3))
     assert pcs.components.abs().max() == 0
     assert pcs.explained_variance.abs().max() == 0
+    assert explained_variance(torch.ones(2, 4, 3, 3)).abs().max() == 0
 
 
 def test_orientation_is_the_documented_one():
@@ -113,5 +147,9 @@ def test_bad_arguments():
         principal_components(torch.rand(3, 4))
     with pytest.raises(ValueError, match=r"num_components must be a positive integer, got 0"):
         principal_components(torch.rand(1, 3, 2, 2), 0)
+    with pytest.raises(
+        ValueError, match=r"method must be one of \('auto', 'exact', 'iterative'\), got 'svd'"
+    ):
+        principal_components(torch.rand(1, 3, 2, 2), method="svd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"do not match a feature map with 4 channels"):
         project(torch.rand(1, 4, 2, 2), torch.rand(5, 3), torch.rand(5))
