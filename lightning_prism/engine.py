@@ -117,14 +117,16 @@ def prism(
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
 
     recorder = FeatureRecorder(model, final_layer=final_layer, stage_layers=stage_layers)
-    training = {module: module.training for module in model.modules()}
+    training = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
+        if any(flag for _, flag in training):
+            model.eval()
         with torch.no_grad(), recorder:
             output = model(images)
     finally:
-        for module, flag in training.items():
-            module.training = flag
+        for module, flag in training:
+            if module.training != flag:  # setting every flag costs more than the check
+                module.training = flag
     recording = recorder.recording(input_shape=images.shape)
 
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
@@ -148,7 +150,7 @@ def prism(
         maps = features
         if extrapolate:
             maps = gradual_extrapolation(features, recording.stage_maps, tuple(images.shape[-2:]))
-        rgb = to_rgb(maps, usable)
+        rgb = to_rgb(maps, usable, inplace=maps is not features)  # a fresh tensor: reuse it
     return PRISMResult(
         maps=rgb,
         features=features.to(torch.float32),

@@ -93,7 +93,7 @@ def _resize(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def to_rgb(maps: Tensor, usable: Tensor | None = None) -> Tensor:
+def to_rgb(maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False) -> Tensor:
     """Normalise PRISM features into displayable RGB in ``[0, 1]``.
 
     One z-score over the whole batch tensor (unbiased standard deviation), clipped to
@@ -103,6 +103,8 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None) -> Tensor:
     Args:
         maps: ``(N, 3, H, W)`` extrapolated (or raw) features.
         usable: ``(3,)`` boolean mask of channels that hold a real component; all by default.
+        inplace: reuse the memory of a float32 ``maps`` for the result (saves one image-sized
+            buffer; ``maps`` is overwritten).
 
     Returns:
         ``(N, 3, H, W)`` float32 in ``[0, 1]``.
@@ -125,7 +127,8 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None) -> Tensor:
         minimum, maximum = torch.aminmax(values)
         low, high = torch.maximum(minimum, mean - std), torch.minimum(maximum, mean + std)
         if high > low:
-            normalised = values.clamp(low, high).sub_(low).div_(high - low)
+            normalised = values.clamp_(low, high) if inplace and every else values.clamp(low, high)
+            normalised = normalised.sub_(low).div_(high - low)
         else:
             normalised = torch.full_like(values, 0.5)
     else:

@@ -100,10 +100,6 @@ def _first_tensor(values: Any) -> Tensor | None:
     return None
 
 
-def _spatial(t: Tensor | None) -> tuple[int, int] | None:
-    return (int(t.shape[-2]), int(t.shape[-1])) if t is not None and t.ndim == 4 else None
-
-
 def _is_feature_map(hw: tuple[int, int] | None, image_hw: tuple[int, int] | None) -> bool:
     """Whether a 4-D tensor's last two dims scale like the image's ``H×W``.
 
@@ -180,6 +176,7 @@ class FeatureRecorder:
         self._candidates: dict[tuple[int, int], _StageCandidate] = {}
         self._named_stages: dict[str, tuple[int, Tensor]] = {}
         self._input_shape: tuple[int, ...] | None = None
+        self._feature_hws: dict[tuple[int, int], bool] = {}
 
     def __enter__(self) -> FeatureRecorder:
         if self._handles:
@@ -226,50 +223,53 @@ class FeatureRecorder:
         x = _first_tensor(args)
         if x is not None and self._input_shape is None:
             self._input_shape = tuple(x.shape)
+            self._feature_hws.clear()
 
     def _on_enter(self, module: nn.Module, args: Any) -> None:
         self._calls += 1
         x = _first_tensor(args)
-        if x is None or x.ndim != 4:
+        if x is None or x.dim() != 4:
             self._stack.append((self._calls, None, None))
             return
         entry = self._producers.get(id(x))
         producer = entry[0] if entry is not None and entry[1]() is x else None
         self._stack.append((self._calls, x, producer))
 
+    def _feature_hw(self, t: Tensor) -> tuple[int, int] | None:
+        """``(h, w)`` of a 4-D tensor whose last two dims scale like the image's, else ``None``."""
+        hw = (t.shape[-2], t.shape[-1])
+        known = self._feature_hws.get(hw)
+        if known is None:
+            image = self._input_shape
+            known = _is_feature_map(hw, None if image is None else (image[-2], image[-1]))
+            self._feature_hws[hw] = known
+        return hw if known else None
+
     def _make_on_exit(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             start, x, producer = self._stack.pop() if self._stack else (0, None, None)
-            if not isinstance(output, Tensor) or output.ndim != 4:
+            if not isinstance(output, Tensor) or output.dim() != 4:
                 return
-            out_hw = _spatial(output)
-            image_hw = None if self._input_shape is None else (self._input_shape[-2], self._input_shape[-1])
-            if not _is_feature_map(out_hw, image_hw):
+            out_hw = self._feature_hw(output)
+            if out_hw is None:
                 return
-            assert out_hw is not None
-            if out_hw[0] * out_hw[1] > 1 and self._final_module is None:
+            spatial = out_hw[0] * out_hw[1] > 1  # global pooling (squeeze-excitation, head) is no map
+            if spatial and self._final_module is None:
                 self._final = (name, output)
-            in_hw = _spatial(x)
-            if (
-                x is not None
-                and in_hw is not None
-                and _is_feature_map(in_hw, image_hw)
-                and out_hw[0] * out_hw[1] > 1  # global pooling (squeeze-excitation, head) is no stage
-                and out_hw[0] <= in_hw[0]
-                and out_hw[1] <= in_hw[1]
-                and out_hw != in_hw
-                and tuple(x.shape) != self._input_shape
-                and not _alive(self._padded, x)
-            ):
-                known = self._candidates.get(in_hw)
-                if known is None or start < known.start:
-                    stage = producer if producer is not None else name + INPUT_SUFFIX
-                    if known is None or known.source() is not x:  # nested reducers share inputs
-                        known = _StageCandidate(start, stage, stage_map(x), weakref.ref(x))
-                    self._candidates[in_hw] = _StageCandidate(start, stage, known.map, known.source)
+            in_hw = None if x is None else self._feature_hw(x)
+            if in_hw is not None and in_hw != out_hw:
+                assert x is not None
+                reduces = out_hw[0] <= in_hw[0] and out_hw[1] <= in_hw[1]
+                if reduces and spatial and x.shape != self._input_shape and not _alive(self._padded, x):
+                    known = self._candidates.get(in_hw)
+                    if known is None or start < known.start:
+                        stage = producer if producer is not None else name + INPUT_SUFFIX
+                        if known is None or known.source() is not x:  # nested reducers share inputs
+                            known = _StageCandidate(start, stage, stage_map(x), weakref.ref(x))
+                        self._candidates[in_hw] = _StageCandidate(start, stage, known.map, known.source)
+                elif out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
+                    self._padded[id(output)] = weakref.ref(output)
             self._producers[id(output)] = (name, weakref.ref(output))
-            if in_hw is not None and out_hw != in_hw and out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
-                self._padded[id(output)] = weakref.ref(output)
 
         return hook
 

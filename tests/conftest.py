@@ -11,8 +11,9 @@ from torch import Tensor, nn
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
-def tiny_cnn(num_classes: int = 3) -> nn.Sequential:
-    """conv-relu-pool ×2, conv-relu: stages '1' (32×32) and '4' (16×16), final '7' (8×8) on 32×32."""
+def tiny_cnn(num_classes: int = 3, width: int = 32) -> nn.Sequential:
+    """conv-relu-pool ×2, conv-relu: stages '1' (32×32) and '4' (16×16), final '7' (8×8, ``width``
+    channels) on 32×32."""
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
@@ -20,11 +21,11 @@ def tiny_cnn(num_classes: int = 3) -> nn.Sequential:
         nn.Conv2d(8, 16, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(16, width, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(32, num_classes),
+        nn.Linear(width, num_classes),
     )
 
 

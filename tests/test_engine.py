@@ -47,9 +47,10 @@ def reference_prism(model: nn.Sequential, images: torch.Tensor, extrapolate: boo
     return features, (s**2) / (s**2).sum(), torch.from_numpy(rgb)
 
 
+@pytest.mark.parametrize("width", [32, 160])  # exact eigendecomposition; subspace iteration
 @pytest.mark.parametrize("extrapolate", [True, False])
-def test_matches_independent_float64_computation(extrapolate, seeded):
-    model, images = tiny_cnn(), torch.rand(3, 3, 32, 32)
+def test_matches_independent_float64_computation(extrapolate, width, seeded):
+    model, images = tiny_cnn(width=width), torch.rand(3, 3, 32, 32)
     features, explained, rgb = reference_prism(model, images, extrapolate)
     result = prism(model, images, extrapolate=extrapolate)
     assert (result.features.double() - features).norm() / features.norm() < 1e-4
@@ -57,7 +58,7 @@ def test_matches_independent_float64_computation(extrapolate, seeded):
     torch.testing.assert_close(result.maps.double(), rgb, atol=1e-4, rtol=0)
     assert_valid_maps(result.maps, (3, 3, 32, 32) if extrapolate else (3, 3, 8, 8))
     assert result.final_layer == "7" and result.stage_layers == ["1", "4"]
-    assert result.components.shape == (32, 3)
+    assert result.components.shape == (width, 3)
     assert result.output.shape == (3, 3)
 
 
@@ -84,6 +85,19 @@ def test_torchvision_architectures(name):
     assert len(result.stage_layers) >= 2
     assert model.training and all(m.training for m in model.modules())
     assert hook_count(model) == 0
+
+
+def test_features_survive_when_there_is_nothing_to_extrapolate(seeded):
+    # No downsampling: the maps are the features' own size, and must not overwrite them.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    images = torch.rand(2, 3, 6, 6)
+    result = prism(model, images)
+    with torch.no_grad():
+        final = model(images)
+    rows = final.permute(0, 2, 3, 1).reshape(-1, 8)
+    expected = ((rows - rows.mean(0)) @ result.components).reshape(2, 6, 6, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(result.features, expected)
+    assert result.stage_layers == [] and result.maps.shape == (2, 3, 6, 6)
 
 
 def test_training_flags_and_grad_mode_restored_exactly():

@@ -54,6 +54,14 @@ def test_to_rgb_matches_reference(seeded):
     )
 
 
+def test_to_rgb_inplace_gives_the_same_result_in_the_same_memory(seeded):
+    maps = torch.randn(2, 3, 5, 6)
+    expected = to_rgb(maps)
+    rgb = to_rgb(maps, inplace=True)
+    assert rgb.data_ptr() == maps.data_ptr()
+    torch.testing.assert_close(rgb, expected)
+
+
 def test_to_rgb_constant_map_is_grey_not_nan():
     rgb = to_rgb(torch.full((2, 3, 4, 4), 7.0))
     assert torch.equal(rgb, torch.full_like(rgb, 0.5))
