@@ -1,16 +1,19 @@
-"""Cost of PRISMMonitor in a small ``fit``: wall time with and without it, in one run.
+"""Cost of PRISMMonitor in a small ``fit``: wall time with and without it.
 
-Prints the wall time of the same ``fit`` (same seed, data and model) without and with the callback,
-their ratio, the time the callback spent in its own probe pass (measured inside the run), and the
-ratio once that probe pass is subtracted (target ≤ 1.03: training and validation steps pay nothing
-else). On a GPU it also prints the device memory of the callback's probe pass.
+Runs the same ``fit`` (same seed, data and model) without and with the callback, alternately,
+``--repeats`` times, and prints per pair: both wall times, their ratio, the time the callback spent
+in its own work (measured inside the run: building the probe, the probe's PRISM pass, rendering and
+logging, the evolution strip), and the ratio once that work is subtracted (target ≤ 1.03: training
+and validation steps pay nothing else). The last row is the median over the pairs. On a GPU it also
+prints the device memory of the callback's probe pass.
 
-    python benchmarks/bench_callback.py [--epochs 3] [--probe 8]
+    python benchmarks/bench_callback.py [--epochs 3] [--probe 8] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import pytorch_lightning as pl
@@ -49,7 +52,7 @@ class Net(pl.LightningModule):
 
 
 class TimedMonitor(PRISMMonitor):
-    """PRISMMonitor that records the wall time and device memory of its own probe pass."""
+    """PRISMMonitor that records the wall time of all its own work and the device memory of its pass."""
 
     seconds = 0.0
     peak_bytes = 0
@@ -60,12 +63,24 @@ class TimedMonitor(PRISMMonitor):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        start = time.perf_counter()
         super()._run(trainer, pl_module)
         if cuda:
             torch.cuda.synchronize()
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - before)
+
+    def _timed(self, hook, *args):
+        start = time.perf_counter()
+        hook(*args)
         self.seconds += time.perf_counter() - start
+
+    def setup(self, *args):
+        self._timed(super().setup, *args)
+
+    def on_validation_epoch_end(self, *args):
+        self._timed(super().on_validation_epoch_end, *args)
+
+    def on_fit_end(self, *args):
+        self._timed(super().on_fit_end, *args)
 
 
 def fit(callbacks: list, epochs: int, out: str) -> float:
@@ -90,22 +105,31 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--probe", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="/tmp/prism_bench_callback")
     args = parser.parse_args()
     fit([], 1, args.out)  # warm-up
-    without = fit([], args.epochs, args.out)
-    monitor = TimedMonitor(num_images=args.probe)
-    with_cb = fit([monitor], args.epochs, args.out)
     print(
-        "| fit without (s) | fit with PRISMMonitor (s) | ratio | probe pass (s) | ratio without the probe pass |"
+        "| run | fit without (s) | fit with PRISMMonitor (s) | ratio | callback's own work (s) "
+        "| ratio without the callback's own work |"
     )
-    print("|---|---|---|---|---|")
-    print(
-        f"| {without:.2f} | {with_cb:.2f} | {with_cb / without:.3f} | {monitor.seconds:.2f} "
-        f"| {(with_cb - monitor.seconds) / without:.3f} |"
-    )
-    if monitor.peak_bytes:
-        print(f"\ndevice memory of the probe pass: {monitor.peak_bytes / 2**20:.1f} MB")
+    print("|---|---|---|---|---|---|")
+    ratios, net_ratios, peak = [], [], 0
+    for run in range(1, args.repeats + 1):
+        without = fit([], args.epochs, args.out)
+        monitor = TimedMonitor(num_images=args.probe)
+        with_cb = fit([monitor], args.epochs, args.out)
+        ratios.append(with_cb / without)
+        net_ratios.append((with_cb - monitor.seconds) / without)
+        peak = max(peak, monitor.peak_bytes)
+        print(
+            f"| {run} | {without:.2f} | {with_cb:.2f} | {ratios[-1]:.3f} | {monitor.seconds:.2f} "
+            f"| {net_ratios[-1]:.3f} |",
+            flush=True,
+        )
+    print(f"| median | | | {statistics.median(ratios):.3f} | | {statistics.median(net_ratios):.3f} |")
+    if peak:
+        print(f"\ndevice memory of the probe pass: {peak / 2**20:.1f} MB")
 
 
 if __name__ == "__main__":

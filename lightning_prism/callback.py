@@ -1,10 +1,16 @@
-"""``PRISMMonitor``: PRISM maps of a fixed validation probe, logged every epoch. Lightning glue only."""
+"""``PRISMMonitor``: PRISM maps of a fixed validation probe, logged every epoch. Lightning glue only.
+
+The monitor's behaviour lives in :class:`PRISMMonitorBase`, which does not depend on which Lightning
+package runs it; :class:`PRISMMonitor` is the ``pytorch_lightning`` callback and
+:class:`lightning_prism.lightning.PRISMMonitor` the same for the ``lightning`` package
+(``lightning.pytorch``), whose ``Trainer`` and ``LightningCLI`` check for their own ``Callback``.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,7 +28,7 @@ from .render import caption_grid, denormalize, overlay, to_uint8
 from .render import evolution_strip as render_evolution_strip
 from .separation import class_separation
 
-__all__ = ["PRISMMonitor"]
+__all__ = ["PRISMMonitor", "PRISMMonitorBase"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -35,7 +41,7 @@ def _check_key(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be None (find it), an int position or a str key, got {value!r}")
 
 
-class PRISMMonitor(Callback):
+class PRISMMonitorBase:
     r"""Log PRISM maps of a fixed probe batch of validation images at the end of validation.
 
     The probe is chosen once, deterministically, from the validation dataset (spread over as many
@@ -92,7 +98,14 @@ class PRISMMonitor(Callback):
         >>> from lightning_prism import PRISMMonitor
         >>> monitor = PRISMMonitor(num_images=8, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=1)  # doctest: +SKIP
+
+    With the ``lightning`` package, import it from :mod:`lightning_prism.lightning` instead.
     """
+
+    #: What ``setup`` raises for ``Trainer(logger=False)``: the running package's own class.
+    misconfiguration: ClassVar[type[Exception]] = MisconfigurationException
+    #: How warnings are issued: once, from global rank zero.
+    warn: ClassVar[Callable[..., None]] = staticmethod(rank_zero_warn)
 
     def __init__(
         self,
@@ -175,7 +188,7 @@ class PRISMMonitor(Callback):
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
+        return self._generate_state_key(  # type: ignore[attr-defined] - from the Callback base
             prefix=self.prefix, final_layer=self.final_layer, stage_layers=self.stage_layers
         )
 
@@ -202,7 +215,7 @@ class PRISMMonitor(Callback):
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not trainer.loggers:
-            raise MisconfigurationException(
+            raise self.misconfiguration(
                 "Cannot use `PRISMMonitor` callback with `Trainer(logger=False)`: it logs images to the loggers."
             )
         if self.final_layer is not None:
@@ -357,4 +370,8 @@ class PRISMMonitor(Callback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(message)
+            type(self).warn(message)
+
+
+class PRISMMonitor(PRISMMonitorBase, Callback):
+    __doc__ = PRISMMonitorBase.__doc__

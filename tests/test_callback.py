@@ -23,17 +23,14 @@ STEPS_PER_EPOCH = 4  # 32 training images, batch 8
 
 def trainer(tmp_path, callbacks, max_epochs=2, logger=True, trainer_cls=pl.Trainer, **kwargs):
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0) if logger is True else logger
-    return trainer_cls(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=tb,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=1,
-        **kwargs,
-    )
+    options = {
+        "accelerator": "cpu",
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 1,
+    }
+    return trainer_cls(max_epochs=max_epochs, callbacks=callbacks, logger=tb, **{**options, **kwargs})
 
 
 def events(log_dir) -> EventAccumulator:
@@ -131,6 +128,39 @@ def test_resume_keeps_the_probe_and_the_basis(tmp_path):
     assert resumed._probe.images.shape[0] == 5
 
 
+def test_resume_keeps_the_colours(tmp_path):
+    # basis="fixed": every epoch is projected onto the first logged epoch's axes, which training
+    # has since moved away from; after a resume the colours must still come from those axes.
+    torch.manual_seed(0)
+    train, val = loaders()
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    first = PRISMMonitor(num_images=6, basis="fixed")
+    before = TensorBoardLogger(str(tmp_path), name="before", version=0)
+    trainer(tmp_path, [first, checkpoint], max_epochs=3, logger=before, enable_checkpointing=True).fit(
+        TinyClassifier(lr=0.2), train, val
+    )
+
+    class Frozen(TinyClassifier):  # training goes on, the weights do not change
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 0.0
+
+    resumed, module = PRISMMonitor(num_images=6, basis="fixed"), Frozen(lr=0.2)
+    after = TensorBoardLogger(str(tmp_path), name="after", version=0)
+    trainer(tmp_path, [resumed], max_epochs=4, logger=after).fit(
+        module, train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    last_before = decode(events(before.log_dir).Images("prism/maps")[-1]).astype(int)
+    first_after = decode(events(after.log_dir).Images("prism/maps")[0]).astype(int)
+    assert np.abs(first_after - last_before).max() <= 1
+    assert resumed.state_dict()["first"] == first.state_dict()["first"]
+
+    # Control: the same weights without the saved basis (a fresh PCA) give other colours.
+    images = torch.stack([val.dataset[i][0] for i in resumed.state_dict()["probe_indices"]])
+    fresh = prism(module, images)
+    recoloured = caption_grid(fresh.maps, *resumed._captions(resumed._probe, fresh)).astype(int)
+    assert np.abs(recoloured - last_before).mean() > 10
+
+
 def test_validate_runs_under_inference_mode(tmp_path):
     module, (_, val) = TinyClassifier(), loaders()
     t = trainer(tmp_path, [PRISMMonitor(num_images=4)])
@@ -214,11 +244,74 @@ def test_state_key_distinguishes_monitors():
 
 def test_works_with_the_lightning_package_trainer(tmp_path):
     lightning = pytest.importorskip("lightning.pytorch")
+    from lightning_prism.lightning import PRISMMonitor as LightningPRISMMonitor
+
+    assert isinstance(LightningPRISMMonitor(), lightning.Callback)
     module_cls = make_module_class(lightning)
     train, val = loaders()
     logger = lightning.loggers.TensorBoardLogger(str(tmp_path), name="L", version=0)
-    t = trainer(
-        tmp_path, [PRISMMonitor(num_images=4)], max_epochs=2, logger=logger, trainer_cls=lightning.Trainer
-    )
+    monitor = LightningPRISMMonitor(num_images=4)
+    t = trainer(tmp_path, [monitor], max_epochs=2, logger=logger, trainer_cls=lightning.Trainer)
     t.fit(module_cls(), train, val)
     assert [e.step for e in events(logger.log_dir).Images("prism/maps")] == [4, 8]
+    assert monitor.evolution_path is not None
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException as LightningMisconfiguration
+
+    t = trainer(tmp_path, [LightningPRISMMonitor()], logger=False, trainer_cls=lightning.Trainer)
+    with pytest.raises(
+        LightningMisconfiguration, match=r"Cannot use `PRISMMonitor` callback with `Trainer\(logger=False\)`"
+    ):
+        t.fit(module_cls(), train, val)
+
+
+class ImageListLogger(pl.loggers.Logger):
+    """A logger in the style of WandbLogger: no TensorBoard writer, images through ``log_image``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, int, list[np.ndarray]]] = []
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "images"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_image(self, key: str, images: list, step: int | None = None, **kwargs) -> None:
+        self.images.append((key, step, images))
+
+
+def test_log_image_loggers_get_the_same_pictures_as_tensorboard(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders()
+    tb, listing = TensorBoardLogger(str(tmp_path), name="tb", version=0), ImageListLogger()
+    t = trainer(tmp_path, [PRISMMonitor(num_images=4)], max_epochs=2, logger=[tb, listing])
+    t.fit(TinyClassifier(), train, val)
+
+    steps = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert [(key, step) for key, step, _ in listing.images] == [
+        ("prism/maps", steps[0]),
+        ("prism/overlay", steps[0]),
+        ("prism/inputs", steps[0]),
+        ("prism/maps", steps[1]),
+        ("prism/overlay", steps[1]),
+    ]
+    acc = events(tb.log_dir)
+    for key, step, images in listing.images:
+        assert len(images) == 1 and images[0].dtype == np.uint8 and images[0].ndim == 3
+        logged = next(e for e in acc.Images(key) if e.step == step)
+        np.testing.assert_array_equal(images[0], decode(logged))  # PNG is lossless
+    pc1 = [
+        m["prism/explained_variance/pc1"] for _, m in listing.metrics if "prism/explained_variance/pc1" in m
+    ]
+    assert pc1 == pytest.approx([e.value for e in acc.Scalars("prism/explained_variance/pc1")])
