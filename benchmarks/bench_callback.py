@@ -7,7 +7,7 @@ logging, the evolution strip), and the ratio once that work is subtracted (targe
 and validation steps pay nothing else). The last row is the median over the pairs. On a GPU it also
 prints the device memory of the callback's probe pass.
 
-    python benchmarks/bench_callback.py [--epochs 3] [--probe 8] [--repeats 3]
+    python benchmarks/bench_callback.py [--epochs 3] [--probe 8] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -68,19 +68,19 @@ class TimedMonitor(PRISMMonitor):
             torch.cuda.synchronize()
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - before)
 
-    def _timed(self, hook, *args):
+    def _timed(self, hook, *args, **kwargs):
         start = time.perf_counter()
-        hook(*args)
+        hook(*args, **kwargs)
         self.seconds += time.perf_counter() - start
 
-    def setup(self, *args):
-        self._timed(super().setup, *args)
+    def setup(self, *args, **kwargs):
+        self._timed(super().setup, *args, **kwargs)
 
-    def on_validation_epoch_end(self, *args):
-        self._timed(super().on_validation_epoch_end, *args)
+    def on_validation_epoch_end(self, *args, **kwargs):
+        self._timed(super().on_validation_epoch_end, *args, **kwargs)
 
-    def on_fit_end(self, *args):
-        self._timed(super().on_fit_end, *args)
+    def on_fit_end(self, *args, **kwargs):
+        self._timed(super().on_fit_end, *args, **kwargs)
 
 
 def fit(callbacks: list, epochs: int, out: str) -> float:
@@ -105,7 +105,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--probe", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="/tmp/prism_bench_callback")
     args = parser.parse_args()
     fit([], 1, args.out)  # warm-up
