@@ -70,20 +70,21 @@ def _centred(activations: Tensor) -> tuple[Tensor, Tensor]:
     return rows - mean, mean
 
 
+def _smaller_gram(centred: Tensor) -> Tensor:
+    """``X Xᵀ`` or ``Xᵀ X``, whichever is smaller; both have the nonzero eigenvalues of ``Xᵀ X``."""
+    num_rows, channels = centred.shape
+    return centred @ centred.T if num_rows < channels else centred.T @ centred
+
+
 def _spectrum(centred: Tensor) -> Tensor:
     """Every eigenvalue of ``Xᵀ X`` (the squared singular values of ``X``), decreasing."""
-    num_rows, channels = centred.shape
-    gram = centred @ centred.T if num_rows < channels else centred.T @ centred
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    return torch.linalg.eigvalsh(_smaller_gram(centred)).flip(0).clamp_min(0)
 
 
 def _exact(centred: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top ``k`` eigenpairs of ``Xᵀ X`` from the eigendecomposition of the smaller Gram matrix."""
     num_rows, channels = centred.shape
-    if num_rows < channels:
-        eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T)
-    else:
-        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
+    eigenvalues, vectors = torch.linalg.eigh(_smaller_gram(centred))
     eigenvalues = eigenvalues.flip(0)[:k].clamp_min(0)
     vectors = vectors.flip(1)[:, :k]
     if num_rows < channels:
@@ -94,8 +95,9 @@ def _exact(centred: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _matmul_eps(t: Tensor) -> float:
-    """Relative rounding of a matrix product, including TF32/bfloat16 float32 matmul modes."""
-    if t.dtype == torch.float32:
+    """Relative rounding of a matrix product, including CUDA's TF32/bfloat16 float32 matmul modes
+    (``torch.set_float32_matmul_precision``), which the iteration cannot converge beyond."""
+    if t.dtype == torch.float32 and t.is_cuda:
         precision = torch.get_float32_matmul_precision()
         if precision == "high":
             return 2.0**-10  # TF32 mantissa
