@@ -208,8 +208,12 @@ class FeatureRecorder:
             for name, module in self.model.named_modules():
                 if module is self.model:
                     continue
-                root(module.register_forward_pre_hook(self._on_enter))
-                root(module.register_forward_hook(self._make_on_exit(name)))
+                # A module without children runs nothing hooked inside, so its exit hook can see
+                # what its entry hook would have (call order, input, producer): one hook, not two.
+                leaf = next(module.children(), None) is None
+                if not leaf:
+                    root(module.register_forward_pre_hook(self._on_enter))
+                root(module.register_forward_hook(self._make_on_exit(name, leaf=leaf)))
         if self._final_module is not None:
             root(self._final_module.register_forward_hook(self._on_final))
         for name, module, is_input in self._stage_modules:
@@ -225,15 +229,17 @@ class FeatureRecorder:
             self._input_shape = tuple(x.shape)
             self._feature_hws.clear()
 
-    def _on_enter(self, module: nn.Module, args: Any) -> None:
+    def _entry(self, args: Any) -> tuple[int, Tensor | None, str | None]:
+        """Call index, 4-D input and the input's producer, as a module is entered."""
         self._calls += 1
         x = _first_tensor(args)
         if x is None or x.dim() != 4:
-            self._stack.append((self._calls, None, None))
-            return
+            return self._calls, None, None
         entry = self._producers.get(id(x))
-        producer = entry[0] if entry is not None and entry[1]() is x else None
-        self._stack.append((self._calls, x, producer))
+        return self._calls, x, entry[0] if entry is not None and entry[1]() is x else None
+
+    def _on_enter(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(self._entry(args))
 
     def _feature_hw(self, t: Tensor) -> tuple[int, int] | None:
         """``(h, w)`` of a 4-D tensor whose last two dims scale like the image's, else ``None``."""
@@ -245,9 +251,12 @@ class FeatureRecorder:
             self._feature_hws[hw] = known
         return hw if known else None
 
-    def _make_on_exit(self, name: str) -> Any:
+    def _make_on_exit(self, name: str, *, leaf: bool) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            start, x, producer = self._stack.pop() if self._stack else (0, None, None)
+            if leaf:
+                start, x, producer = self._entry(args)
+            else:
+                start, x, producer = self._stack.pop() if self._stack else (0, None, None)
             if not isinstance(output, Tensor) or output.dim() != 4:
                 return
             out_hw = self._feature_hw(output)
