@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .extrapolation import gradual_extrapolation, to_rgb
 from .pca import align_components, explained_variance, principal_components, project
-from .recording import FeatureRecorder
+from .recording import FeatureRecorder, Recording
 
 __all__ = ["BASES", "PRISMResult", "prism"]
 
@@ -56,6 +56,21 @@ class PRISMResult:
         """``(K,)`` share of the variance of every principal component (see the attributes)."""
         with torch.no_grad(), torch.autocast(self.final.device.type, enabled=False):
             return explained_variance(self.final)
+
+
+def _record(model: nn.Module, images: Tensor, recorder: FeatureRecorder) -> tuple[Any, Recording]:
+    """One forward in eval mode without gradients, recorded; every ``training`` flag restored."""
+    training = [(module, module.training) for module in model.modules()]
+    try:
+        if any(flag for _, flag in training):
+            model.eval()
+        with torch.no_grad(), recorder:
+            output = model(images)
+    finally:
+        for module, flag in training:
+            if module.training != flag:  # setting every flag costs more than the check
+                module.training = flag
+    return output, recorder.recording(input_shape=images.shape)
 
 
 def prism(
@@ -116,18 +131,10 @@ def prism(
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
 
-    recorder = FeatureRecorder(model, final_layer=final_layer, stage_layers=stage_layers)
-    training = [(module, module.training) for module in model.modules()]
-    try:
-        if any(flag for _, flag in training):
-            model.eval()
-        with torch.no_grad(), recorder:
-            output = model(images)
-    finally:
-        for module, flag in training:
-            if module.training != flag:  # setting every flag costs more than the check
-                module.training = flag
-    recording = recorder.recording(input_shape=images.shape)
+    output, recording = _record(model, images, FeatureRecorder(model, final_layer, stage_layers))
+    if not recording.complete:  # an unusual nesting of downsampling modules: record every stage map
+        recorder = FeatureRecorder(model, final_layer, stage_layers, defer_nested=False)
+        output, recording = _record(model, images, recorder)
 
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         final = recording.final

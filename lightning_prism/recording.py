@@ -51,12 +51,15 @@ class Recording:
         final_layer: name of the module that produced it.
         stage_maps: ``(N, 1, h_i, w_i)`` float32 maps ``mean_c |A|``, in execution order.
         stage_layers: names of the stages, same order.
+        complete: ``False`` when a deferred stage map turned out to be needed after its activation
+            was gone (see ``defer_nested``); record again with ``defer_nested=False``.
     """
 
     final: Tensor
     final_layer: str
     stage_maps: list[Tensor]
     stage_layers: list[str]
+    complete: bool = True
 
 
 def resolve_module(model: nn.Module, name: str, *, allow_input: bool = False) -> tuple[nn.Module, bool]:
@@ -124,8 +127,8 @@ def _alive(registry: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
 class _StageCandidate:
     start: int  # call index of the downsampling module: smaller = outer / earlier
     name: str
-    map: Tensor
-    source: weakref.ref[Tensor]  # the activation the map was computed from
+    map: Tensor | None  # None: deferred, an enclosing module is expected to take over
+    source: weakref.ref[Tensor]  # the activation the map is (to be) computed from
 
 
 class FeatureRecorder:
@@ -136,6 +139,13 @@ class FeatureRecorder:
         final_layer: module whose (last) output is the final feature map; discovered if ``None``.
         stage_layers: modules whose outputs (or ``"<name>:input"`` inputs) are the stages, in any
             order; discovered if ``None``.
+        defer_nested: when a downsampling module runs inside an enclosing module whose own input
+            has the same resolution (a MobileNet/EfficientNet/ResNet block around its strided
+            convolution), skip its stage map: the enclosing module almost always downsamples too
+            and takes the stage over, with its own input. If it does not and the skipped
+            activation is gone, :meth:`recording` reports ``complete=False`` and the forward must
+            be recorded again with ``defer_nested=False`` (``prism()`` does this). On all 56
+            torchvision CNNs and EfficientNet-Lite0 no second pass is needed.
 
     Raises:
         ValueError: for an unknown module name (listing the nearest valid names).
@@ -151,13 +161,19 @@ class FeatureRecorder:
     """
 
     def __init__(
-        self, model: nn.Module, final_layer: str | None = None, stage_layers: Sequence[str] | None = None
+        self,
+        model: nn.Module,
+        final_layer: str | None = None,
+        stage_layers: Sequence[str] | None = None,
+        *,
+        defer_nested: bool = True,
     ) -> None:
         if isinstance(stage_layers, str):
             raise TypeError(f"stage_layers must be a list of module names, got the string {stage_layers!r}")
         self.model = model
         self.final_layer = final_layer
         self.stage_layers = None if stage_layers is None else list(stage_layers)
+        self.defer_nested = defer_nested
         self._final_module = resolve_module(model, final_layer)[0] if final_layer is not None else None
         self._stage_modules = [
             (name, *resolve_module(model, name, allow_input=True)) for name in self.stage_layers or []
@@ -273,14 +289,30 @@ class FeatureRecorder:
                     known = self._candidates.get(in_hw)
                     if known is None or start < known.start:
                         stage = producer if producer is not None else name + INPUT_SUFFIX
-                        if known is None or known.source() is not x:  # nested reducers share inputs
-                            known = _StageCandidate(start, stage, stage_map(x), weakref.ref(x))
+                        if known is None or known.source() is not x or known.map is None:
+                            deferred = self.defer_nested and self._enclosed(x, in_hw)
+                            known = _StageCandidate(
+                                start, stage, None if deferred else stage_map(x), weakref.ref(x)
+                            )
+                        # else: nested reducers that share their input share its map
                         self._candidates[in_hw] = _StageCandidate(start, stage, known.map, known.source)
                 elif out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
                     self._padded[id(output)] = weakref.ref(output)
             self._producers[id(output)] = (name, weakref.ref(output))
 
         return hook
+
+    def _enclosed(self, x: Tensor, hw: tuple[int, int]) -> bool:
+        """Whether a module still running around this one took another tensor of ``hw`` as input
+        (and may therefore downsample ``hw`` itself, superseding this stage candidate)."""
+        return any(
+            t is not None
+            and t is not x
+            and t.shape[-2:] == hw
+            and t.shape != self._input_shape
+            and not _alive(self._padded, t)
+            for _, t, _ in self._stack
+        )
 
     def _on_final(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
@@ -339,5 +371,12 @@ class FeatureRecorder:
                 key=lambda c: c.start,
             )
             stage_layers = [c.name for c in chosen]
-            stage_maps = [c.map for c in chosen]
+            stage_maps = []
+            for c in chosen:
+                if c.map is None:  # deferred, and no enclosing module took over
+                    source = c.source()
+                    if source is None:
+                        return Recording(final, final_layer, [], stage_layers, complete=False)
+                    c.map = stage_map(source)
+                stage_maps.append(c.map)
         return Recording(final, final_layer, stage_maps, stage_layers)

@@ -100,6 +100,21 @@ def test_features_survive_when_there_is_nothing_to_extrapolate(seeded):
     assert result.stage_layers == [] and result.maps.shape == (2, 3, 6, 6)
 
 
+def test_second_forward_only_when_a_deferred_stage_map_is_missing(seeded):
+    from test_recording import down_up_net
+
+    for model, forwards in ((tiny_cnn(), 1), (down_up_net(), 2)):
+        calls: list[int] = []
+        handle = model.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
+        try:
+            result = prism(model, torch.rand(2, 3, 16, 16))
+        finally:
+            handle.remove()
+        assert len(calls) == forwards
+        assert_valid_maps(result.maps, (2, 3, 16, 16))
+    assert result.stage_layers == ["1.expand"]
+
+
 def test_training_flags_and_grad_mode_restored_exactly():
     model = tiny_cnn().train()
     model[3].eval()  # a mixed state must come back as it was, not as model.train()

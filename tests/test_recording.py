@@ -62,6 +62,46 @@ def test_final_map_is_read_after_the_forward_and_functional_stages_are_named():
     assert named.stage_maps[0].shape == (2, 1, 16, 16)
 
 
+class DownUp(nn.Module):
+    """Downsamples inside and upsamples back: it encloses a downsampling module without being one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.down = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2)
+        self.project = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.up(self.down(self.expand(x))))
+
+
+def down_up_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), DownUp(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1)
+    )
+
+
+def test_nested_downsampling_defers_its_stage_map_to_the_enclosing_module(seeded):
+    # resnet50's layer2 contains the strided conv of layer2.0: only the outer stage map is needed.
+    model, x = torchvision.models.resnet50().eval(), torch.rand(1, 3, 64, 64)
+    deferred, eager = record(model, x), record(model, x, defer_nested=False)
+    assert deferred.complete and deferred.stage_layers == eager.stage_layers
+    for a, b in zip(deferred.stage_maps, eager.stage_maps, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_deferred_stage_that_nobody_took_over_asks_for_a_second_recording(seeded):
+    model, x = down_up_net().eval(), torch.rand(2, 3, 16, 16)
+    rec = record(model, x)
+    assert not rec.complete  # `1.down`'s input was skipped for `1`, which did not downsample
+    eager = record(model, x, defer_nested=False)
+    assert eager.complete and eager.stage_layers == ["1.expand"]
+    with torch.no_grad():
+        expected = model[1].expand(model[0](x)).abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(eager.stage_maps[0], expected)
+
+
 def test_overrides_are_used_in_execution_order():
     rec = record(tiny_cnn(), torch.rand(2, 3, 32, 32), final_layer="6", stage_layers=["4", "0"])
     assert rec.final_layer == "6"
