@@ -4,8 +4,8 @@ Runs the same ``fit`` (same seed, data and model) without and with the callback,
 ``--repeats`` times, and prints per pair: both wall times, their ratio, the time the callback spent
 in its own work (measured inside the run: building the probe, the probe's PRISM pass, rendering and
 logging, the evolution strip), and the ratio once that work is subtracted (target ≤ 1.03: training
-and validation steps pay nothing else). The last row is the median over the pairs. On a GPU it also
-prints the device memory of the callback's probe pass.
+and validation steps pay nothing else). The last row is the median over the pairs. It also prints the
+memory the probe pass adds (GPU: peak allocated; CPU, Linux only: peak resident set).
 
     python benchmarks/bench_callback.py [--epochs 3] [--probe 8] [--repeats 5]
 """
@@ -13,8 +13,10 @@ prints the device memory of the callback's probe pass.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -51,8 +53,18 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
 class TimedMonitor(PRISMMonitor):
-    """PRISMMonitor that records the wall time of all its own work and the device memory of its pass."""
+    """PRISMMonitor that records the wall time of all its own work and the memory of its probe pass
+    (CUDA: peak allocated; CPU on Linux: peak resident set above the resident set before the pass)."""
 
     seconds = 0.0
     peak_bytes = 0
@@ -63,10 +75,17 @@ class TimedMonitor(PRISMMonitor):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the resident-set high-water mark
+            before = resident_bytes()
         super()._run(trainer, pl_module)
         if cuda:
             torch.cuda.synchronize()
-            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - before)
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = peak_resident_bytes()
+        self.peak_bytes = max(self.peak_bytes, peak - before)
 
     def _timed(self, hook, *args, **kwargs):
         start = time.perf_counter()
@@ -128,8 +147,8 @@ def main() -> None:
             flush=True,
         )
     print(f"| median | | | {statistics.median(ratios):.3f} | | {statistics.median(net_ratios):.3f} |")
-    if peak:
-        print(f"\ndevice memory of the probe pass: {peak / 2**20:.1f} MB")
+    device = "GPU memory (peak allocated)" if torch.cuda.is_available() else "CPU memory (peak resident set)"
+    print(f"\n{device} added by the probe pass, largest over the runs: {peak / 2**20:.1f} MB")
 
 
 if __name__ == "__main__":
