@@ -126,17 +126,28 @@ def _iterative(centred: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     rounding = 8 * _matmul_eps(centred)
     for _ in range(MAX_ITERATIONS):
         image = centred.T @ (centred @ basis)  # (Xᵀ X) basis
-        values, rotation = torch.linalg.eigh(basis.T @ image)  # Rayleigh–Ritz
-        values, rotation = values.flip(0), rotation.flip(1)
-        vectors, image = basis @ rotation, image @ rotation  # Ritz vectors V and (Xᵀ X) V
-        residual = (image[:, :k] - vectors[:, :k] * values[:k]).norm(dim=0)
-        steps = values[:-1] - values[1:]
-        before = torch.cat([steps.new_full((1,), float("inf")), steps[: k - 1]])
-        gap = torch.minimum(before, steps[:k]) if steps.numel() >= k else before
-        if bool((residual <= torch.maximum(TOLERANCE * gap, rounding * values[0])).all()):
-            return values[:k].clamp_min(0), vectors[:, :k]
-        basis = torch.linalg.qr(image).Q
+        values, rotation = torch.linalg.eigh(basis.T @ image)  # Rayleigh–Ritz, ascending
+        top = rotation[:, -k:].flip(1)
+        vectors, top_values = basis @ top, values[-k:].flip(0)  # top k Ritz pairs, descending
+        residual = (image @ top - vectors * top_values).norm(dim=0)
+        if _converged(values.flip(0).tolist(), residual.tolist(), rounding):
+            return top_values.clamp_min(0), vectors
+        basis = torch.linalg.qr(image).Q  # the same subspace as the Ritz vectors
     return None
+
+
+def _converged(ritz: list[float], residual: list[float], rounding: float) -> bool:
+    """Every wanted Ritz pair's residual below ``TOLERANCE`` times its gap to the neighbouring
+    Ritz values, or at the rounding level of the matrix products."""
+    floor = rounding * ritz[0]
+    for i, r in enumerate(residual):
+        gap = min(
+            ritz[i - 1] - ritz[i] if i > 0 else float("inf"),
+            ritz[i] - ritz[i + 1] if i + 1 < len(ritz) else float("inf"),
+        )
+        if r > max(TOLERANCE * gap, floor):
+            return False
+    return True
 
 
 def principal_components(
