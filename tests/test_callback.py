@@ -161,6 +161,22 @@ def test_resume_keeps_the_colours(tmp_path):
     assert np.abs(recoloured - last_before).mean() > 10
 
 
+def test_mixed_precision_training(tmp_path):
+    # The probe pass runs under the trainer's bf16 autocast; the PCA and the logged numbers stay float32.
+    torch.manual_seed(0)
+    train, val = loaders()
+    monitor = PRISMMonitor(num_images=4)
+    t = trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-mixed")
+    t.fit(TinyClassifier(), train, val)
+    acc = events(t.logger.log_dir)
+    assert [e.step for e in acc.Images("prism/maps")] == [STEPS_PER_EPOCH]
+    shares = [acc.Scalars(f"prism/explained_variance/pc{i}")[0].value for i in (1, 2, 3)]
+    assert (
+        all(0 < v < 1 for v in shares) and sum(shares) <= 1 + 1e-6 and shares == sorted(shares, reverse=True)
+    )
+    assert monitor.evolution_path is not None
+
+
 def test_validate_runs_under_inference_mode(tmp_path):
     module, (_, val) = TinyClassifier(), loaders()
     t = trainer(tmp_path, [PRISMMonitor(num_images=4)])
