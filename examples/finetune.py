@@ -178,7 +178,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         save_config_callback=None,
         parser_kwargs={"default_config_files": [str(CONFIG)]},
     )
-    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, PRISMMonitor))
+    monitor = next((c for c in cli.trainer.callbacks if isinstance(c, PRISMMonitor)), None)
+    if monitor is None:
+        raise SystemExit("this example needs a lightning_prism.PRISMMonitor in trainer.callbacks")
     if monitor.class_names is None:
         monitor.class_names = cli.datamodule.classes
     start = time.perf_counter()
