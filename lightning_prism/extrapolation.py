@@ -103,8 +103,8 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False)
     Args:
         maps: ``(N, 3, H, W)`` extrapolated (or raw) features.
         usable: ``(3,)`` boolean mask of channels that hold a real component; all by default.
-        inplace: reuse the memory of a float32 ``maps`` for the result (saves one image-sized
-            buffer; ``maps`` is overwritten).
+        inplace: reuse the memory of a float32 ``maps`` for the result when every channel is
+            usable (saves one image-sized buffer; ``maps`` is overwritten).
 
     Returns:
         ``(N, 3, H, W)`` float32 in ``[0, 1]``.

@@ -144,8 +144,8 @@ class FeatureRecorder:
             convolution), skip its stage map: the enclosing module almost always downsamples too
             and takes the stage over, with its own input. If it does not and the skipped
             activation is gone, :meth:`recording` reports ``complete=False`` and the forward must
-            be recorded again with ``defer_nested=False`` (``prism()`` does this). On all 56
-            torchvision CNNs and EfficientNet-Lite0 no second pass is needed.
+            be recorded again with ``defer_nested=False`` (``prism()`` does this). No second pass was
+            needed on any of 56 torchvision CNNs (96×96 inputs) or on EfficientNet-Lite0 (224×224).
 
     Raises:
         ValueError: for an unknown module name (listing the nearest valid names).
