@@ -139,12 +139,13 @@ def prism(
 
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         final = recording.final
-        if not torch.isfinite(final).all():
+        try:
+            pcs = principal_components(final, NUM_COMPONENTS)
+        except ValueError as error:  # a 4-D map and three components: only a map that is not finite
             raise ValueError(
                 f"the final feature map ({recording.final_layer!r}) contains NaN or infinite values"
-            )
-        pcs = principal_components(final, NUM_COMPONENTS)
-        components = pcs.components
+            ) from error
+        components, features = pcs.components, pcs.scores
         if reference is not None and basis != "refit":
             if reference.shape != components.shape:
                 raise ValueError(
@@ -152,8 +153,11 @@ def prism(
                     f"for the {final.shape[1]}-channel final feature map of {recording.final_layer!r}"
                 )
             reference = reference.to(device=components.device, dtype=components.dtype)
-            components = align_components(components, reference)[0] if basis == "aligned" else reference
-        features = project(final, components, pcs.mean)
+            if basis == "aligned":
+                components, order, signs = align_components(components, reference)
+                features = features[:, order] * signs.view(1, -1, 1, 1)
+            else:
+                components, features = reference, project(final, reference, pcs.mean)
         usable = components.norm(dim=0) > 0
         maps = features
         if extrapolate:

@@ -8,6 +8,7 @@ activation, so the colours land on the image regions that the earlier layers res
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,10 +42,12 @@ def stage_map(activation: Tensor) -> Tensor:
     """
     dtype = torch.float64 if activation.dtype == torch.float64 else torch.float32
     n = activation.shape[0]
-    out = torch.empty((n, 1, *activation.shape[2:]), dtype=dtype, device=activation.device)
     rows = max(1, STAGE_MAP_CHUNK // max(1, activation[:1].numel()))
+    if rows >= n:  # one chunk: two operations
+        return activation.abs().mean(dim=1, keepdim=True, dtype=dtype)
+    out = torch.empty((n, 1, *activation.shape[2:]), dtype=dtype, device=activation.device)
     for i in range(0, n, rows):
-        out[i : i + rows] = activation[i : i + rows].abs().mean(dim=1, keepdim=True, dtype=dtype)
+        torch.mean(activation[i : i + rows].abs(), dim=1, keepdim=True, dtype=dtype, out=out[i : i + rows])
     return out
 
 
@@ -81,7 +84,9 @@ def gradual_extrapolation(
                 f"stage map of shape {tuple(stage.shape)} does not fit features of shape "
                 f"{tuple(features.shape)}; expected (N, 1, h, w) with N={maps.shape[0]}"
             )
-        maps = _resize(maps, stage.shape[-2:]) * stage.to(maps.dtype)
+        resized = _resize(maps, stage.shape[-2:])
+        stage = stage.to(maps.dtype)
+        maps = resized * stage if resized is features else resized.mul_(stage)  # never in place on `features`
     if size is not None:
         maps = _resize(maps, size)
     return maps
@@ -116,23 +121,25 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False)
         usable = torch.ones(maps.shape[1], dtype=torch.bool, device=maps.device)
     usable = usable.to(device=maps.device, dtype=torch.bool)
     every = bool(usable.all())
-    values = maps if every else maps[:, usable]
+    values = maps if every else maps[:, usable]  # boolean indexing copies
     if values.numel() == 0:
         return torch.zeros_like(maps)
-    mean = values.mean()
-    std = values.std() if values.numel() > 1 else values.new_zeros(())  # faster than std_mean
-    if torch.isfinite(std) and std > 0:
-        # z-score clipped to [-1, 1], then min-max: in the values' own units this is a clamp to
-        # [max(min, mean - std), min(max, mean + std)] and one affine map (fewer passes).
-        minimum, maximum = torch.aminmax(values)
-        low, high = torch.maximum(minimum, mean - std), torch.minimum(maximum, mean + std)
+    # Two passes for mean and unbiased std, as ``Tensor.std`` (which is several times slower here).
+    centred = values.sub_(values.mean()) if inplace or not every else values - values.mean()
+    count = centred.numel()
+    std = float(torch.linalg.vector_norm(centred)) / math.sqrt(count - 1) if count > 1 else 0.0
+    if math.isfinite(std) and std > 0:
+        # z-score clipped to [-1, 1], then min-max: in the centred values' own units this is a clamp
+        # to [max(min, -std), min(max, std)] and one affine map (Python-number bounds: the fast
+        # scalar kernels).
+        minimum, maximum = torch.stack(torch.aminmax(centred)).tolist()
+        low, high = max(minimum, -std), min(maximum, std)
         if high > low:
-            normalised = values.clamp_(low, high) if inplace and every else values.clamp(low, high)
-            normalised = normalised.sub_(low).div_(high - low)
+            normalised = centred.clamp_(low, high).sub_(low).div_(high - low)
         else:
-            normalised = torch.full_like(values, 0.5)
+            normalised = torch.full_like(centred, 0.5)
     else:
-        normalised = torch.full_like(values, 0.5)
+        normalised = torch.full_like(centred, 0.5)
     if every:
         return normalised
     rgb = torch.zeros_like(maps)

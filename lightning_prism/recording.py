@@ -192,7 +192,7 @@ class FeatureRecorder:
         self._candidates: dict[tuple[int, int], _StageCandidate] = {}
         self._named_stages: dict[str, tuple[int, Tensor]] = {}
         self._input_shape: tuple[int, ...] | None = None
-        self._feature_hws: dict[tuple[int, int], bool] = {}
+        self._feature_hws: dict[tuple[int, ...], tuple[int, int] | None] = {}
 
     def __enter__(self) -> FeatureRecorder:
         if self._handles:
@@ -251,29 +251,37 @@ class FeatureRecorder:
         x = _first_tensor(args)
         if x is None or x.dim() != 4:
             return self._calls, None, None
+        return self._calls, x, self._producer(x)
+
+    def _producer(self, x: Tensor) -> str | None:
         entry = self._producers.get(id(x))
-        return self._calls, x, entry[0] if entry is not None and entry[1]() is x else None
+        return entry[0] if entry is not None and entry[1]() is x else None
 
     def _on_enter(self, module: nn.Module, args: Any) -> None:
         self._stack.append(self._entry(args))
 
     def _feature_hw(self, t: Tensor) -> tuple[int, int] | None:
-        """``(h, w)`` of a 4-D tensor whose last two dims scale like the image's, else ``None``."""
-        hw = (t.shape[-2], t.shape[-1])
-        known = self._feature_hws.get(hw)
-        if known is None:
-            image = self._input_shape
-            known = _is_feature_map(hw, None if image is None else (image[-2], image[-1]))
-            self._feature_hws[hw] = known
-        return hw if known else None
+        """``(h, w)`` of a 4-D tensor whose last two dims scale like the image's, else ``None``
+        (cached per shape: this runs twice for every module call)."""
+        shape = t.shape
+        try:
+            return self._feature_hws[shape]
+        except KeyError:
+            pass
+        hw = (shape[-2], shape[-1]) if len(shape) == 4 else None
+        image = self._input_shape
+        if hw is not None and not _is_feature_map(hw, None if image is None else (image[-2], image[-1])):
+            hw = None
+        self._feature_hws[shape] = hw
+        return hw
 
     def _make_on_exit(self, name: str, *, leaf: bool) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if leaf:
-                start, x, producer = self._entry(args)
-            else:
-                start, x, producer = self._stack.pop() if self._stack else (0, None, None)
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            # A module without children runs nothing hooked inside, so what its entry hook would
+            # have seen (input, its producer, call order) is still there now; it is only looked up
+            # when needed.
+            entry = None if leaf else self._stack.pop() if self._stack else (0, None, None)
+            if not isinstance(output, Tensor):
                 return
             out_hw = self._feature_hw(output)
             if out_hw is None:
@@ -281,26 +289,40 @@ class FeatureRecorder:
             spatial = out_hw[0] * out_hw[1] > 1  # global pooling (squeeze-excitation, head) is no map
             if spatial and self._final_module is None:
                 self._final = (name, output)
+            if entry is None:
+                x = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args)
+                start, producer = 0, None
+            else:
+                start, x, producer = entry
             in_hw = None if x is None else self._feature_hw(x)
             if in_hw is not None and in_hw != out_hw:
                 assert x is not None
                 reduces = out_hw[0] <= in_hw[0] and out_hw[1] <= in_hw[1]
                 if reduces and spatial and x.shape != self._input_shape and not _alive(self._padded, x):
-                    known = self._candidates.get(in_hw)
-                    if known is None or start < known.start:
-                        stage = producer if producer is not None else name + INPUT_SUFFIX
-                        if known is None or known.source() is not x or known.map is None:
-                            deferred = self.defer_nested and self._enclosed(x, in_hw)
-                            known = _StageCandidate(
-                                start, stage, None if deferred else stage_map(x), weakref.ref(x)
-                            )
-                        # else: nested reducers that share their input share its map
-                        self._candidates[in_hw] = _StageCandidate(start, stage, known.map, known.source)
+                    if entry is None:  # a leaf's call index, taken as late as it can be
+                        self._calls += 1
+                        start, producer = self._calls, self._producer(x)
+                    self._add_candidate(start, name, producer, x, in_hw)
                 elif out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
                     self._padded[id(output)] = weakref.ref(output)
             self._producers[id(output)] = (name, weakref.ref(output))
 
         return hook
+
+    def _add_candidate(
+        self, start: int, name: str, producer: str | None, x: Tensor, hw: tuple[int, int]
+    ) -> None:
+        """A module called ``name`` (entered at call ``start``) reduced ``x`` from ``hw``; keep it as
+        the stage of ``hw`` if it is the outermost such module so far."""
+        known = self._candidates.get(hw)
+        if known is not None and start >= known.start:
+            return
+        stage = producer if producer is not None else name + INPUT_SUFFIX
+        if known is None or known.source() is not x or known.map is None:
+            deferred = self.defer_nested and self._enclosed(x, hw)
+            known = _StageCandidate(start, stage, None if deferred else stage_map(x), weakref.ref(x))
+        # else: nested reducers that share their input share its map
+        self._candidates[hw] = _StageCandidate(start, stage, known.map, known.source)
 
     def _enclosed(self, x: Tensor, hw: tuple[int, int]) -> bool:
         """Whether a module still running around this one took another tensor of ``hw`` as input

@@ -188,6 +188,9 @@ def test_bases(seeded):
     other = torch.linalg.qr(torch.randn(32, 3)).Q
     fixed = prism(model, images, basis="fixed", reference=other)
     torch.testing.assert_close(fixed.components, other)
+    rows = fixed.final.permute(0, 2, 3, 1).reshape(-1, 32)
+    expected = ((rows - rows.mean(0)) @ other).reshape(3, *fixed.final.shape[-2:], 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(fixed.features, expected, rtol=1e-4, atol=1e-5)
     refit = prism(model, images, basis="refit", reference=other)
     torch.testing.assert_close(refit.components, own.components)
     with pytest.raises(ValueError, match=r"reference basis has shape \(8, 3\), expected \(32, 3\)"):

@@ -42,6 +42,21 @@ def test_gradual_extrapolation_follows_the_stages_in_reverse(seeded):
     )
 
 
+def test_gradual_extrapolation_never_modifies_its_inputs(seeded):
+    # The running map is multiplied in place, but never while it is still `features` (a stage of
+    # the features' own size is not resized) and never a stage map.
+    features = torch.randn(2, 3, 4, 4)
+    stages = [torch.rand(2, 1, 8, 8), torch.rand(2, 1, 4, 4)]
+    before = [t.clone() for t in (features, *stages)]
+    result = gradual_extrapolation(features, stages, (8, 8))
+    for tensor, copy in zip((features, *stages), before, strict=True):
+        assert torch.equal(tensor, copy)
+    expected = (
+        F.interpolate(features * stages[1], size=(8, 8), mode="bilinear", align_corners=False) * stages[0]
+    )
+    torch.testing.assert_close(result, expected)
+
+
 def test_gradual_extrapolation_rejects_a_mismatched_stage():
     with pytest.raises(ValueError, match=r"stage map of shape \(3, 1, 8, 8\) does not fit"):
         gradual_extrapolation(torch.rand(2, 3, 4, 4), [torch.rand(3, 1, 8, 8)])

@@ -42,11 +42,11 @@ def test_principal_components_match_full_svd(n, c, hw, method, seeded):
     assert pcs.components.shape == (c, 3)
     torch.testing.assert_close(pcs.explained_variance.double(), ev_ref[:3], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pcs.components.double(), v_ref, rtol=1e-4, atol=1e-4)
-    scores = project(x, pcs.components, pcs.mean)
-    rel = torch.linalg.vector_norm(scores.double() - scores_ref, dim=(0, 2, 3)) / torch.linalg.vector_norm(
-        scores_ref, dim=(0, 2, 3)
-    )
-    assert rel.max() < 1e-4
+    for scores in (pcs.scores, project(x, pcs.components, pcs.mean)):
+        rel = torch.linalg.vector_norm(
+            scores.double() - scores_ref, dim=(0, 2, 3)
+        ) / torch.linalg.vector_norm(scores_ref, dim=(0, 2, 3))
+        assert rel.max() < 1e-4
     spectrum = explained_variance(x)
     assert spectrum.shape == (min(n * hw * hw, c),)
     torch.testing.assert_close(spectrum.double(), ev_ref, rtol=1e-4, atol=1e-6)
@@ -75,6 +75,38 @@ def test_iteration_gives_up_on_a_flat_spectrum_and_exact_route_takes_over(seeded
         pcs = principal_components(x, method="iterative")
     assert exact.call_count == 1
     torch.testing.assert_close(pcs.components, principal_components(x, method="exact").components)
+
+
+def test_explained_variance_is_accurate_on_a_large_batch(seeded):
+    # 4M values with a large common offset: the total variance is summed from per-pixel norms, so
+    # its float32 rounding does not reach the shares (one norm over all values was 2e-4 off here).
+    x = torch.rand(32, 512, 16, 16) * torch.linspace(0.1, 2, 512).view(1, 512, 1, 1) + 100
+    rows = x.double().permute(0, 2, 3, 1).reshape(-1, 512)
+    centred = rows - rows.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(centred.T @ centred).flip(0)
+    expected = eigenvalues[:3] / eigenvalues.sum()
+    pcs = principal_components(x)
+    torch.testing.assert_close(pcs.explained_variance.double(), expected, rtol=2e-6, atol=0)
+
+
+def test_input_is_never_modified(seeded):
+    # Pixel rows of a channels-last map are a view of it; centring must not happen in place there.
+    for x in (torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)):
+        before = x.clone()
+        principal_components(x, method="exact")
+        principal_components(x, method="iterative")
+        explained_variance(x)
+        assert torch.equal(x, before)
+
+
+def test_not_finite_input_is_an_error():
+    x = torch.rand(2, 8, 4, 4)
+    x[1, 3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        principal_components(x)
+    x[1, 3, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        principal_components(x)
 
 
 def test_float64_input_stays_float64():
