@@ -50,7 +50,7 @@ def main(path: str = "prism_photos.png") -> str:
     Image.fromarray(caption_grid(tiles, captions, nrow=3)).save(path)
     print(
         f"stages {result.stage_layers} → final {result.final_layer!r}; explained variance of the top three "
-        f"components: {[round(v, 3) for v in result.explained_variance[:3].tolist()]}"
+        f"components: {[round(v, 3) for v in result.colour_variance.tolist()]}"
     )
     print(f"saved {path}")
     return path

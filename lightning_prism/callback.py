@@ -54,7 +54,9 @@ class PRISMMonitorBase:
     * ``<prefix>/maps`` and ``<prefix>/overlay``: grids with each image's true label and the
       model's prediction underneath (a wrong prediction in red);
     * ``<prefix>/inputs``: the de-normalised probe (first logged epoch only);
-    * scalars ``<prefix>/explained_variance/pc1``..``pc3``, ``<prefix>/similarity/previous`` and
+    * scalars ``<prefix>/explained_variance/pc1``..``pc3`` (the share of the probe's variance
+      along the red, green and blue axes, :attr:`~lightning_prism.PRISMResult.colour_variance`),
+      ``<prefix>/similarity/previous`` and
       ``<prefix>/similarity/first`` (mean cosine of the principal angles between this epoch's
       top-three subspace and the previous/first logged epoch's) and, with labels,
       ``<prefix>/class_separation``;
@@ -291,7 +293,7 @@ class PRISMMonitorBase:
         components = result.components.detach()
         scalars = {
             f"{self.prefix}/explained_variance/pc{i + 1}": float(v)
-            for i, v in enumerate(result.explained_variance[:3])
+            for i, v in enumerate(result.colour_variance.tolist())
         }
         if self._reference is not None and self._reference.shape == components.shape:
             scalars[f"{self.prefix}/similarity/previous"] = float(

@@ -33,7 +33,12 @@ class PRISMResult:
         explained_variance: ``(K,)`` share of the variance of every component of the batch PCA,
             decreasing, summing to 1 (``K = min(N·h·w, c)``). Computed on first access (an
             exact eigendecomposition, the one costly part of PCA, which ``prism()`` itself avoids
-            by iterating on the top three axes only); the first three entries are the colours'.
+            by iterating on the top three axes only).
+        colour_variance: ``(3,)`` share of the batch's variance along the axis of each colour
+            (red, green, blue). With ``basis="refit"`` these are the first three entries of
+            ``explained_variance``, already known without the full spectrum; with ``"aligned"``
+            the same shares in the colours' order; with ``"fixed"`` what the reference axes capture
+            of this batch.
         final: ``(N, c, h, w)`` the final feature map as recorded (kept for ``explained_variance``).
         components: ``(c, 3)`` principal axes (channel loadings) behind the three colours.
         mean: ``(c,)`` channel mean used for centring.
@@ -44,6 +49,7 @@ class PRISMResult:
 
     maps: Tensor
     features: Tensor
+    colour_variance: Tensor
     final: Tensor
     components: Tensor
     mean: Tensor
@@ -145,7 +151,7 @@ def prism(
             raise ValueError(
                 f"the final feature map ({recording.final_layer!r}) contains NaN or infinite values"
             ) from error
-        components, features = pcs.components, pcs.scores
+        components, features, colour_variance = pcs.components, pcs.scores, pcs.explained_variance
         if reference is not None and basis != "refit":
             if reference.shape != components.shape:
                 raise ValueError(
@@ -156,8 +162,13 @@ def prism(
             if basis == "aligned":
                 components, order, signs = align_components(components, reference)
                 features = features[:, order] * signs.view(1, -1, 1, 1)
+                colour_variance = colour_variance[order]
             else:
                 components, features = reference, project(final, reference, pcs.mean)
+                total = torch.var(final.to(features.dtype), dim=(0, 2, 3), correction=0).sum()
+                total = total * (features.numel() // features.shape[1])  # Σ over all pixel rows
+                shares = features.square().sum(dim=(0, 2, 3))
+                colour_variance = shares / total if total > 0 else torch.zeros_like(shares)
         usable = components.norm(dim=0) > 0
         maps = features
         if extrapolate:
@@ -166,6 +177,7 @@ def prism(
     return PRISMResult(
         maps=rgb,
         features=features.to(torch.float32),
+        colour_variance=colour_variance.to(torch.float32),
         final=final,
         components=components,
         mean=pcs.mean,

@@ -191,6 +191,11 @@ def test_bases(seeded):
     rows = fixed.final.permute(0, 2, 3, 1).reshape(-1, 32)
     expected = ((rows - rows.mean(0)) @ other).reshape(3, *fixed.final.shape[-2:], 3).permute(0, 3, 1, 2)
     torch.testing.assert_close(fixed.features, expected, rtol=1e-4, atol=1e-5)
+    # The share of variance along each colour's axis, in the colours' order.
+    torch.testing.assert_close(own.colour_variance, own.explained_variance[:3], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(aligned.colour_variance, own.colour_variance[[2, 0, 1]])
+    captured = expected.square().sum(dim=(0, 2, 3)) / (rows - rows.mean(0)).square().sum()
+    torch.testing.assert_close(fixed.colour_variance, captured, rtol=1e-4, atol=1e-7)
     refit = prism(model, images, basis="refit", reference=other)
     torch.testing.assert_close(refit.components, own.components)
     with pytest.raises(ValueError, match=r"reference basis has shape \(8, 3\), expected \(32, 3\)"):
