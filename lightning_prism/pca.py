@@ -39,7 +39,7 @@ MAX_ITERATIONS = 64
 #: Products with ``Xᵀ X`` before the first Rayleigh–Ritz step and convergence test (the final
 #: maps of VGG16, ResNet-50 and EfficientNet-Lite0 need 3 to 6; each test skipped saves a dozen
 #: small operations).
-POWER_STEPS = 2
+POWER_STEPS = 3
 #: Convergence: every wanted Ritz pair's residual is below this fraction of its eigengap.
 TOLERANCE = 1e-4
 
