@@ -151,7 +151,7 @@ def prism(
             raise ValueError(
                 f"the final feature map ({recording.final_layer!r}) contains NaN or infinite values"
             ) from error
-        components, features, colour_variance = pcs.components, pcs.scores, pcs.explained_variance
+        components, features = pcs.components, pcs.scores
         if reference is not None and basis != "refit":
             if reference.shape != components.shape:
                 raise ValueError(
@@ -162,13 +162,11 @@ def prism(
             if basis == "aligned":
                 components, order, signs = align_components(components, reference)
                 features = features[:, order] * signs.view(1, -1, 1, 1)
-                colour_variance = colour_variance[order]
             else:
                 components, features = reference, project(final, reference, pcs.mean)
-                total = torch.var(final.to(features.dtype), dim=(0, 2, 3), correction=0).sum()
-                total = total * (features.numel() // features.shape[1])  # Σ over all pixel rows
-                shares = features.square().sum(dim=(0, 2, 3))
-                colour_variance = shares / total if total > 0 else torch.zeros_like(shares)
+        # ‖X a‖² / Σ‖x − mean‖² for each colour's axis a (with the refit basis: the top three shares)
+        total = pcs.total_variance.clamp_min(torch.finfo(pcs.total_variance.dtype).tiny)
+        colour_variance = features.square().sum(dim=(0, 2, 3)) / total
         usable = components.norm(dim=0) > 0
         maps = features
         if extrapolate:

@@ -57,12 +57,15 @@ class PrincipalComponents(NamedTuple):
         mean: ``(c,)`` column mean over all ``N·h·w`` pixels, used for centring.
         scores: ``(N, k, h, w)`` principal-component scores of every pixel on these axes (what
             :func:`project` gives, without a second pass over the feature map).
+        total_variance: ``()`` sum of squared deviations from ``mean`` over all pixels, the
+            denominator of every share (scores of any axis ``a`` explain ``‖X a‖² / total``).
     """
 
     components: Tensor
     explained_variance: Tensor
     mean: Tensor
     scores: Tensor
+    total_variance: Tensor
 
 
 def _pixel_rows(activations: Tensor) -> Tensor:
@@ -206,7 +209,7 @@ def principal_components(
 
     Returns:
         :class:`PrincipalComponents` with ``components`` ``(c, k)``, ``explained_variance``
-        ``(k,)``, ``mean`` ``(c,)`` and ``scores`` ``(N, k, h, w)``.
+        ``(k,)``, ``mean`` ``(c,)``, ``scores`` ``(N, k, h, w)`` and ``total_variance``.
 
     Raises:
         ValueError: if ``activations`` is not 4-D or not finite, ``num_components`` is not positive
@@ -238,22 +241,18 @@ def principal_components(
         found = _iterative(centred, k)
     eigenvalues, loadings, scores = found if found is not None else _exact(centred, k)
 
-    # Zero the axes without variance and orient the others, with one transfer of k + k numbers.
-    index = loadings.abs().argmax(dim=0, keepdim=True)
-    numbers = torch.cat([eigenvalues, loadings.gather(0, index).squeeze(0)]).tolist()
-    tolerance = torch.finfo(centred.dtype).eps * max(num_rows, channels) * numbers[0]
-    weights = [
-        (0.0 if value <= tolerance or value <= 0 else -1.0 if largest < 0 else 1.0)
-        for value, largest in zip(numbers[:k], numbers[k:], strict=True)
-    ]
-    weights_t = torch.tensor(weights, dtype=loadings.dtype, device=loadings.device)
-    loadings, scores = loadings * weights_t, scores * weights_t
+    # Zero the axes without variance (rounding level) and orient the others.
+    values = eigenvalues.tolist()
+    tolerance = torch.finfo(centred.dtype).eps * max(num_rows, channels) * values[0]
+    usable = [float(value > tolerance and value > 0) for value in values]
+    weights = torch.tensor(usable, dtype=loadings.dtype, device=loadings.device) * _orientation(loadings)
+    loadings, scores = loadings * weights, scores * weights
     explained = eigenvalues / total if total_value > 0 else torch.zeros_like(eigenvalues)
     if k < num_components:
         loadings = torch.cat([loadings, loadings.new_zeros(channels, num_components - k)], dim=1)
         scores = torch.cat([scores, scores.new_zeros(num_rows, num_components - k)], dim=1)
         explained = torch.cat([explained, explained.new_zeros(num_components - k)])
-    return PrincipalComponents(loadings, explained, mean, _to_maps(scores, activations.shape))
+    return PrincipalComponents(loadings, explained, mean, _to_maps(scores, activations.shape), total)
 
 
 def explained_variance(activations: Tensor) -> Tensor:
