@@ -85,7 +85,8 @@ class PRISMMonitorBase:
         basis: ``"aligned"`` keeps a feature's colour across epochs by matching each epoch's axes
             to the previous logged epoch's; ``"refit"`` is the raw per-epoch PCA; ``"fixed"``
             projects every epoch onto the first logged epoch's axes.
-        class_names: names for the label indices in captions.
+        class_names: names for the label indices in captions; by default the validation
+            dataset's ``classes`` (torchvision datasets such as ``ImageFolder``), else the indices.
         overlay_alpha: weight of the map in the overlay, in ``[0, 1]``.
         evolution_strip: write the evolution PNG at the end of ``fit``.
         strict: raise instead of warning when PRISM fails at run time.
@@ -319,10 +320,10 @@ class PRISMMonitorBase:
         if probe.labels is None and predictions is None:
             return None, None
 
+        names = self.class_names if self.class_names is not None else probe.class_names
+
         def name(index: int) -> str:
-            if self.class_names is not None and 0 <= index < len(self.class_names):
-                return self.class_names[index]
-            return str(index)
+            return names[index] if names is not None and 0 <= index < len(names) else str(index)
 
         labels = probe.labels.tolist() if probe.labels is not None else None
         captions, wrong = [], []

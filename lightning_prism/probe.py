@@ -29,11 +29,14 @@ class Probe:
         images: ``(N, C, H, W)`` floating images (as the model receives them).
         labels: ``(N,)`` long labels, or ``None``.
         indices: dataset indices of the images, or ``None`` for an iterable dataset.
+        class_names: the dataset's names for the label indices (the ``classes`` attribute of
+            torchvision datasets such as ``ImageFolder``, also through ``Subset``), or ``None``.
     """
 
     images: Tensor
     labels: Tensor | None
     indices: list[int] | None
+    class_names: list[str] | None = None
 
 
 def _pick(
@@ -109,6 +112,15 @@ def _is_class_label(value: Any) -> bool:
         and not value.is_floating_point()
         and value.dtype != torch.bool
     )
+
+
+def _dataset_classes(dataset: Any) -> list[str] | None:
+    if isinstance(dataset, Subset):
+        return _dataset_classes(dataset.dataset)
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return [str(c) for c in classes]
+    return None
 
 
 def _dataset_targets(dataset: Dataset) -> Sequence[int] | None:
@@ -222,4 +234,6 @@ def build_probe(
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(f"probe images must be a floating (N, C, H, W) tensor, got {shape}; check image_key")
     labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1).to(device)
-    return Probe(images.to(device), labels, None if indices is None else list(indices))
+    return Probe(
+        images.to(device), labels, None if indices is None else list(indices), _dataset_classes(dataset)
+    )

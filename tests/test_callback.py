@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_prism import PRISMMonitor, prism
+from lightning_prism.probe import Probe
 from lightning_prism.render import caption_grid
 
 TinyClassifier = make_module_class(pl)
@@ -331,3 +333,14 @@ def test_log_image_loggers_get_the_same_pictures_as_tensorboard(tmp_path):
         m["prism/explained_variance/pc1"] for _, m in listing.metrics if "prism/explained_variance/pc1" in m
     ]
     assert pc1 == pytest.approx([e.value for e in acc.Scalars("prism/explained_variance/pc1")])
+
+
+def test_captions_name_classes_from_the_dataset_unless_given():
+    probe = Probe(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), [0, 1], ["vertical", "horizontal"])
+    result = SimpleNamespace(output=torch.tensor([[2.0, 1.0], [3.0, 0.0]]))  # predicts 0 and 0
+    captions, wrong = PRISMMonitor()._captions(probe, result)
+    assert captions == ["vertical → vertical", "horizontal → vertical"] and wrong == [False, True]
+    captions, _ = PRISMMonitor(class_names=["v", "h"])._captions(probe, result)
+    assert captions == ["v → v", "h → v"]
+    captions, _ = PRISMMonitor()._captions(Probe(probe.images, probe.labels, [0, 1]), result)
+    assert captions == ["0 → 0", "1 → 0"]

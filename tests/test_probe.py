@@ -56,3 +56,11 @@ def test_build_probe_from_dataset_subset_and_iterable():
     assert streamed.indices is None and torch.equal(streamed.images, dataset.images[:5])
     with pytest.raises(TypeError, match="probe images must be a floating"):
         build_probe(DataLoader(TensorDataset(torch.zeros(4, 3, 2, 2, dtype=torch.uint8))), 2)
+
+
+def test_build_probe_takes_the_datasets_class_names():
+    dataset = Stripes(20, seed=3)
+    assert build_probe(DataLoader(dataset), 2).class_names is None
+    dataset.classes = ("vertical", "horizontal")  # as torchvision datasets (ImageFolder) have
+    assert build_probe(DataLoader(dataset), 2).class_names == ["vertical", "horizontal"]
+    assert build_probe(DataLoader(Subset(dataset, [1, 2, 3])), 2).class_names == ["vertical", "horizontal"]
