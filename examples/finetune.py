@@ -96,7 +96,9 @@ class ImageData(pl.LightningDataModule):
         images = nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
         images = images.expand(-1, 3, -1, -1)
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return TensorDataset((images - mean) / std, torch.tensor(data.target))
+        dataset = TensorDataset((images - mean) / std, torch.tensor(data.target))
+        dataset.classes = self.classes  # type: ignore[attr-defined]  # captions, as ImageFolder's
+        return dataset
 
     def _folder(self) -> Dataset:
         from torchvision import transforms
@@ -181,8 +183,6 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     monitor = next((c for c in cli.trainer.callbacks if isinstance(c, PRISMMonitor)), None)
     if monitor is None:
         raise SystemExit("this example needs a lightning_prism.PRISMMonitor in trainer.callbacks")
-    if monitor.class_names is None:
-        monitor.class_names = cli.datamodule.classes
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     elapsed = time.perf_counter() - start
