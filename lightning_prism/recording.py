@@ -290,7 +290,7 @@ class FeatureRecorder:
             if spatial and self._final_module is None:
                 self._final = (name, output)
             if entry is None:
-                x = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args)
+                x = _first_tensor(args)
                 start, producer = 0, None
             else:
                 start, x, producer = entry
@@ -299,7 +299,9 @@ class FeatureRecorder:
                 assert x is not None
                 reduces = out_hw[0] <= in_hw[0] and out_hw[1] <= in_hw[1]
                 if reduces and spatial and x.shape != self._input_shape and not _alive(self._padded, x):
-                    if entry is None:  # a leaf's call index, taken as late as it can be
+                    if (
+                        entry is None
+                    ):  # a leaf: nothing hooked ran since its entry, so this index keeps the entry order
                         self._calls += 1
                         start, producer = self._calls, self._producer(x)
                     self._add_candidate(start, name, producer, x, in_hw)
