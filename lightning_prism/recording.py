@@ -300,7 +300,7 @@ class FeatureRecorder:
                 reduces = out_hw[0] <= in_hw[0] and out_hw[1] <= in_hw[1]
                 if reduces and spatial and x.shape != self._input_shape and not _alive(self._padded, x):
                     # A leaf: nothing hooked ran since its entry, so this index keeps the entry order.
-                    if entry is None:  # a leaf: nothing hooked ran since its entry, so this index keeps the entry order
+                    if entry is None:
                         self._calls += 1
                         start, producer = self._calls, self._producer(x)
                     self._add_candidate(start, name, producer, x, in_hw)
