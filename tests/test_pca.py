@@ -89,14 +89,17 @@ def test_explained_variance_is_accurate_on_a_large_batch(seeded):
     torch.testing.assert_close(pcs.explained_variance.double(), expected, rtol=2e-6, atol=0)
 
 
-def test_input_is_never_modified(seeded):
-    # Pixel rows of a channels-last map are a view of it; centring must not happen in place there.
-    for x in (torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)):
-        before = x.clone()
-        principal_components(x, method="exact")
-        principal_components(x, method="iterative")
-        explained_variance(x)
-        assert torch.equal(x, before)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_input_is_never_modified(seeded, batch, memory_format):
+    # The pixel rows of a channels-last map or a batch of one are a view of the map: centring must
+    # not happen in place there.
+    x = torch.randn(batch, 8, 4, 4).to(memory_format=memory_format)
+    before = x.clone()
+    principal_components(x, method="exact")
+    principal_components(x, method="iterative")
+    explained_variance(x)
+    assert torch.equal(x, before)
 
 
 def test_not_finite_input_is_an_error():
