@@ -21,7 +21,10 @@ or given by module name:
   enlarged by padding is no new resolution, and the model's input (or a tensor of the input's shape) is never a stage; only resolutions larger than
   the final map's count.
 * channels-last tensors whose last two dims do not scale like the image's ``H×W`` (ConvNeXt's
-  ``(N, h, w, c)`` permutes) are not feature maps at all.
+  ``(N, h, w, c)`` permutes) are not feature maps at all;
+* an ``nn.Identity`` (a placeholder, as in ``model.avgpool = nn.Identity()`` or timm's
+  ``drop_path``) hands its input on and produces nothing, so it is never the final layer or a
+  stage's name: the tensor keeps the name of the module that produced it.
 """
 
 from __future__ import annotations
@@ -222,8 +225,8 @@ class FeatureRecorder:
         root(self.model.register_forward_pre_hook(self._on_model_input))
         if discover:
             for name, module in self.model.named_modules():
-                if module is self.model:
-                    continue
+                if module is self.model or type(module) is nn.Identity:
+                    continue  # an nn.Identity hands its input on: it produces no tensor to name
                 # A module without children runs nothing hooked inside, so its exit hook can see
                 # what its entry hook would have (call order, input, producer): one hook, not two.
                 leaf = next(module.children(), None) is None

@@ -33,6 +33,27 @@ def test_torchvision_vgg16_and_resnet50_stage_discovery():
     assert rec.stage_layers == ["relu", "layer1", "layer2", "layer3"]
 
 
+def test_identity_placeholders_are_transparent():
+    # `Identity` hands on the tensor it gets: names go to the modules that produced the tensors.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Identity(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.Identity(),
+    )
+    x = torch.rand(2, 3, 16, 16)
+    rec = record(model, x)
+    assert rec.final_layer == "3"
+    assert rec.stage_layers == ["0"]
+    with torch.no_grad():
+        features = model[0](x)
+        assert torch.equal(rec.final, model[3](model[2](features)))
+        assert torch.allclose(rec.stage_maps[0], features.abs().mean(1, keepdim=True))
+    # Named explicitly, an Identity is still used.
+    assert record(model, x, final_layer="4").final_layer == "4"
+
+
 class FunctionalTail(nn.Module):
     """Like DenseNet: a functional in-place ReLU after the last module, and a functional stage."""
 
