@@ -16,7 +16,7 @@ Prints a Markdown table, one row per model and batch size:
 
 A forward's own time depends on whether glibc hands the activations' memory back to the system
 after each call and takes page faults to get it again (EfficientNet-Lite0 at batch 8 on 2 cores:
-0.23–0.33 s when it does, 0.11–0.15 s when it does not), and which of the two happens in a
+0.19–0.33 s when it does, 0.11–0.15 s when it does not), and which of the two happens in a
 process is not under the benchmark's control. ``--keep-heap`` fixes it: it tells glibc (``mallopt``)
 to keep freed memory, the fast regime for both sides of the ratio and so the strict one for
 ``prism()``'s fixed cost.
