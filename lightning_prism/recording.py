@@ -18,8 +18,8 @@ or given by module name:
   the outermost module that reduces that resolution. Such a stage is named after the last module
   that produced the tensor, or ``"<module>:input"`` when a functional operation produced it.
   Modules that enlarge the map (padding) and global pooling to 1×1 do not downsample, a map
-  enlarged by padding is no new resolution, and the model's input (or a tensor of the input's shape) is never a stage; only resolutions larger than
-  the final map's count.
+  enlarged by padding is no new resolution, and the model's input (or a tensor of the input's
+  shape) is never a stage; only resolutions larger than the final map's count.
 * channels-last tensors whose last two dims do not scale like the image's ``H×W`` (ConvNeXt's
   ``(N, h, w, c)`` permutes) are not feature maps at all;
 * an ``nn.Identity`` (a placeholder, as in ``model.avgpool = nn.Identity()`` or timm's
