@@ -49,7 +49,9 @@ class PRISMMonitorBase:
     its dataset indices and the colour basis are saved in checkpoints. At the end of every
     ``every_n_epochs``-th validation epoch (never during the sanity check, and also in
     ``trainer.validate()``) the monitor runs :func:`~lightning_prism.prism` on the probe with the
-    LightningModule itself, in eval mode under the trainer's precision, and logs to every logger:
+    LightningModule itself, in eval mode under the trainer's precision and the grad mode Lightning
+    chose for the loop (``torch.no_grad()`` during ``fit``, inference mode in ``validate()`` unless
+    the trainer avoids it), and logs to every logger:
 
     * ``<prefix>/maps`` and ``<prefix>/overlay``: grids with each image's true label and the
       model's prediction underneath (a wrong prediction in red);
@@ -290,6 +292,9 @@ class PRISMMonitorBase:
                 stage_layers=self.stage_layers,
                 basis=self.basis,  # type: ignore[arg-type]
                 reference=reference,
+                # Lightning's choice for this loop: never during fit (inference tensors could reach
+                # training), nor with Trainer(inference_mode=False), FSDP, XLA or gloo.
+                inference_mode=torch.is_inference_mode_enabled(),
             )
         components = result.components.detach()
         scalars = {

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .extrapolation import gradual_extrapolation, to_rgb
 from .pca import align_components, explained_variance, principal_components, project
@@ -39,7 +40,8 @@ class PRISMResult:
             ``explained_variance``, already known without the full spectrum; with ``"aligned"``
             the same shares in the colours' order; with ``"fixed"`` what the reference axes capture
             of this batch.
-        final: ``(N, c, h, w)`` the final feature map as recorded (kept for ``explained_variance``).
+        final: ``(N, c, h, w)`` the final feature map as recorded (kept for ``explained_variance``);
+            like ``output``, an inference tensor when the forward ran under inference mode.
         components: ``(c, 3)`` principal axes (channel loadings) behind the three colours.
         mean: ``(c,)`` channel mean used for centring.
         final_layer: name of the module whose output is the final feature map.
@@ -64,16 +66,26 @@ class PRISMResult:
             return explained_variance(self.final)
 
 
-def _record(model: nn.Module, images: Tensor, recorder: FeatureRecorder) -> tuple[Any, Recording]:
-    """One forward in eval mode without gradients, recorded; every ``training`` flag restored."""
-    training = [(module, module.training) for module in model.modules()]
+def _record(
+    model: nn.Module, images: Tensor, recorder: FeatureRecorder, inference_mode: bool
+) -> tuple[Any, Recording]:
+    """One forward in eval mode without gradients, recorded; every ``training`` flag restored.
+
+    Under ``torch.inference_mode()`` when asked, unless a lazy module would create its parameters
+    in this forward (they would be inference tensors that training cannot use): then under
+    ``torch.no_grad()``.
+    """
+    modules = list(model.modules())
+    training = [module.training for module in modules]
+    lazy = any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in modules)
+    grad_off = torch.inference_mode() if inference_mode and not lazy else torch.no_grad()
     try:
-        if any(flag for _, flag in training):
+        if any(training):
             model.eval()
-        with torch.no_grad(), recorder:
+        with grad_off, recorder:
             output = model(images)
     finally:
-        for module, flag in training:
+        for module, flag in zip(modules, training, strict=True):
             if module.training != flag:  # setting every flag costs more than the check
                 module.training = flag
     return output, recorder.recording(input_shape=images.shape)
@@ -88,17 +100,18 @@ def prism(
     stage_layers: Sequence[str] | None = None,
     basis: Basis = "refit",
     reference: Tensor | None = None,
+    inference_mode: bool = True,
 ) -> PRISMResult:
     """Principal Image Sections Mapping of a batch.
 
     Runs one forward pass of ``model`` on ``images`` in eval mode without gradients, recording only
     the final feature map and one small map per stage (hooks exist only during the call and are
     removed on every path; a second pass only for an unusual nesting of downsampling modules, see
-    :class:`~lightning_prism.recording.FeatureRecorder`'s ``defer_nested``); then computes the batch
-    PCA of the final feature map on its device, in at least float32, and upsamples the top three
-    components through the stages. Every module's ``training`` flag is restored exactly as found;
-    nothing is kept between calls. Works under ``torch.inference_mode()`` and autocast (the maths
-    runs with autocast disabled).
+    :class:`~lightning_prism.recording.FeatureRecorder`); then computes the batch PCA of the final
+    feature map on its device, in at least float32, and upsamples the top three components through
+    the stages. Every module's ``training`` flag is restored exactly as found; nothing is kept
+    between calls. Works under ``torch.inference_mode()`` and autocast (the maths runs with
+    autocast disabled).
 
     Args:
         model: a CNN (any ``nn.Module`` whose forward produces 4-D feature maps).
@@ -112,6 +125,12 @@ def prism(
             match ``reference`` (a feature keeps its colour); ``"fixed"`` projects onto
             ``reference`` itself. Without ``reference`` all three are ``"refit"``.
         reference: ``(c, 3)`` loadings of the reference basis (``components`` of an earlier result).
+        inference_mode: run the forward under ``torch.inference_mode()``, as Lightning's validation
+            loop does (a little faster than ``torch.no_grad()``); ``output`` and ``final`` are then
+            inference tensors. ``False`` runs it under ``torch.no_grad()``, for a model that keeps
+            tensors from its forward and trains with them later, or where Lightning avoids inference
+            mode (FSDP, XLA, gloo). A model with uninitialised lazy modules always gets
+            ``torch.no_grad()``, so that its parameters are not created as inference tensors.
 
     Returns:
         :class:`PRISMResult`.
@@ -139,10 +158,12 @@ def prism(
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
 
-    output, recording = _record(model, images, FeatureRecorder(model, final_layer, stage_layers))
+    output, recording = _record(
+        model, images, FeatureRecorder(model, final_layer, stage_layers), inference_mode
+    )
     if not recording.complete:  # an unusual nesting of downsampling modules: record every stage map
         recorder = FeatureRecorder(model, final_layer, stage_layers, defer_nested=False)
-        output, recording = _record(model, images, recorder)
+        output, recording = _record(model, images, recorder, inference_mode)
 
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         final = recording.final

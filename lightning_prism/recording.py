@@ -1,13 +1,23 @@
 """Recording what PRISM needs from one forward pass: the hook lifecycle.
 
-:class:`FeatureRecorder` is a context manager. On entry it registers forward hooks; on exit
-(also after an exception) it removes every one of them. While the forward runs it keeps only
+:class:`FeatureRecorder` is a context manager. On entry it attaches to the model's modules; on exit
+(also after an exception) it detaches from every one of them. While the forward runs it keeps only
 
 * a reference to the final feature map (read after the forward has finished, so in-place
   activations applied to it later are included), and
 * one ``(N, 1, h, w)`` map, ``mean_c |A|``, per stage,
 
 never other activations, so its memory cost is a few small maps.
+
+Discovery has to see every module call (199 per forward of EfficientNet-Lite0). A forward hook puts
+a module on the slow path of ``nn.Module.__call__``, about 5 µs per call inside a forward that
+streams megabytes between calls, so the recorder instead sets a wrapper as each module's own
+``forward`` attribute, which keeps the fast path, and deletes it (or puts back a ``forward`` the
+instance already had) on exit. It uses forward hooks where a wrapper could see something else than
+a hook would: on a module with forward hooks of its own (they may replace the output after the
+wrapper has seen it), while a global forward hook is registered, and inside ``nn.DataParallel``
+(its replicas copy each module's attributes). Modules named by ``final_layer``/``stage_layers``
+always get forward hooks.
 
 Which tensors these are is discovered from the forward itself (see :meth:`FeatureRecorder.recording`)
 or given by module name:
@@ -36,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
 from torch.utils.hooks import RemovableHandle
 
 from .extrapolation import stage_map
@@ -43,6 +54,7 @@ from .extrapolation import stage_map
 __all__ = ["FeatureRecorder", "Recording", "resolve_module"]
 
 INPUT_SUFFIX = ":input"
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,47 @@ def _alive(registry: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
     return ref is not None and ref() is t
 
 
+class _ForwardWrapper:
+    """Calls ``on_enter(module, args)`` before and ``on_exit(module, args, output)`` after a module's
+    ``forward``, by setting a wrapper as the module's own ``forward`` attribute until :meth:`remove`.
+
+    What a forward pre-hook and a forward hook would see, without taking the module off the fast
+    path of ``nn.Module.__call__`` (see the module docstring for when hooks are used instead).
+    """
+
+    def __init__(self, module: nn.Module, on_enter: Any, on_exit: Any) -> None:
+        self.module = module
+        state = vars(module)
+        self._own = state.get("forward", _MISSING)  # a forward already set on the instance: put back
+        forward = module.forward
+        if on_enter is None:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                output = forward(*args, **kwargs)
+                on_exit(module, args, output)
+                return output
+
+        else:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                on_enter(module, args)
+                output = forward(*args, **kwargs)
+                on_exit(module, args, output)
+                return output
+
+        self.wrapper = wrapper
+        state["forward"] = wrapper
+
+    def remove(self) -> None:
+        """Restore the module's ``forward`` exactly as found (idempotent)."""
+        state = vars(self.module)
+        if state.get("forward") is self.wrapper:
+            if self._own is _MISSING:
+                del state["forward"]
+            else:
+                state["forward"] = self._own
+
+
 @dataclass
 class _StageCandidate:
     start: int  # call index of the downsampling module: smaller = outer / earlier
@@ -181,7 +234,7 @@ class FeatureRecorder:
         self._stage_modules = [
             (name, *resolve_module(model, name, allow_input=True)) for name in self.stage_layers or []
         ]
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | _ForwardWrapper] = []
         self._reset()
 
     # ---------------------------------------------------------------- lifecycle
@@ -215,7 +268,7 @@ class FeatureRecorder:
         self._padded.clear()
 
     def remove(self) -> None:
-        """Remove every hook this recorder registered (idempotent)."""
+        """Remove every hook and forward wrapper this recorder attached (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
 
@@ -224,15 +277,22 @@ class FeatureRecorder:
         root = self._handles.append
         root(self.model.register_forward_pre_hook(self._on_model_input))
         if discover:
-            for name, module in self.model.named_modules():
+            modules = list(self.model.named_modules())
+            # Where a wrapper would not see what a hook sees (module docstring): hooks everywhere.
+            wrap = not _global_forward_hooks and not any(isinstance(m, nn.DataParallel) for _, m in modules)
+            for name, module in modules:
                 if module is self.model or type(module) is nn.Identity:
                     continue  # an nn.Identity hands its input on: it produces no tensor to name
                 # A module without children runs nothing hooked inside, so its exit hook can see
                 # what its entry hook would have (call order, input, producer): one hook, not two.
                 leaf = next(module.children(), None) is None
-                if not leaf:
-                    root(module.register_forward_pre_hook(self._on_enter))
-                root(module.register_forward_hook(self._make_on_exit(name, leaf=leaf)))
+                on_enter, on_exit = None if leaf else self._on_enter, self._make_on_exit(name, leaf=leaf)
+                if wrap and not module._forward_hooks:
+                    root(_ForwardWrapper(module, on_enter, on_exit))
+                    continue
+                if on_enter is not None:
+                    root(module.register_forward_pre_hook(on_enter))
+                root(module.register_forward_hook(on_exit))
         if self._final_module is not None:
             root(self._final_module.register_forward_hook(self._on_final))
         for name, module, is_input in self._stage_modules:

@@ -35,7 +35,10 @@ def tiny_cnn(num_classes: int = 3, width: int = 32) -> nn.Sequential:
 
 
 def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Forward hooks and pre-hooks on the model's modules, and ``forward`` wrappers set on them."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in vars(m)) for m in model.modules()
+    )
 
 
 def assert_valid_maps(maps: Tensor, shape: tuple[int, ...]) -> None:

@@ -46,8 +46,11 @@ def make_module_class(pl):
             self.model = tiny_cnn(num_classes=2)
             self.hook_counts: list[int] = []
             self.flags_ok: list[bool] = []
+            self.eval_inference_modes: list[bool] = []  # of every forward in eval mode
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                self.eval_inference_modes.append(torch.is_inference_mode_enabled())
             return self.model(x)
 
         def _split(self, batch):

@@ -186,6 +186,20 @@ def test_validate_runs_under_inference_mode(tmp_path):
     assert len(events(t.logger.log_dir).Images("prism/maps")) == 1
 
 
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_forward_runs_in_the_grad_mode_lightning_chose_for_the_loop(tmp_path, inference_mode):
+    (train, val), module = loaders(), TinyClassifier()
+    t = trainer(tmp_path, [PRISMMonitor(num_images=4)], max_epochs=1, inference_mode=inference_mode)
+    t.fit(module, train, val)
+    # During fit, validation runs under no_grad (inference tensors could reach training): so does
+    # the monitor. Sanity check (1 batch), validation (2) and the monitor's forward (1).
+    assert module.eval_inference_modes == [False] * 4
+    module.eval_inference_modes.clear()
+    t.validate(module, val, verbose=False)
+    assert module.eval_inference_modes == [inference_mode] * 3
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2
+
+
 def test_logger_false_is_a_setup_error(tmp_path):
     train, val = loaders()
     t = trainer(tmp_path, [PRISMMonitor()], logger=False)

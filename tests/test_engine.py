@@ -167,6 +167,39 @@ def test_under_inference_mode_and_autocast(seeded):
     assert correlation > 0.95
 
 
+class GradModes(nn.Module):
+    """Passes its input on and notes the grad mode it ran under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return x
+
+
+def test_forward_under_inference_mode_unless_asked_for_no_grad(seeded):
+    model, images = nn.Sequential(tiny_cnn(), GradModes()), torch.rand(2, 3, 32, 32)
+    fast = prism(model, images)
+    assert model[1].seen == [(True, False)] and fast.output.is_inference() and fast.final.is_inference()
+    assert not fast.maps.is_inference() and not fast.features.is_inference()
+    plain = prism(model, images, inference_mode=False)
+    assert model[1].seen[1:] == [(False, False)] and not plain.output.is_inference()
+    torch.testing.assert_close(plain.maps, fast.maps, rtol=0, atol=0)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_lazy_modules_are_created_outside_inference_mode_and_train_afterwards():
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.LazyConv2d(8, 3))
+    prism(model, torch.rand(2, 3, 16, 16))  # the first forward creates the parameters
+    assert not any(p.is_inference() for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.rand(2, 3, 16, 16)).square().mean().backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_fewer_than_three_components_fall_back_to_zero_channels():
     # One image whose final map is 2×1: two pixels, so only one principal component exists.
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.MaxPool2d((4, 8)))

@@ -142,6 +142,55 @@ def test_hooks_are_removed_after_success_and_after_an_exception():
     assert hook_count(model) == before
 
 
+def test_an_instance_forward_is_put_back_exactly():
+    model = tiny_cnn()
+    own = model[6].forward
+    model[6].forward = own  # a forward set on the instance, as some libraries do
+    record(model, torch.rand(1, 3, 32, 32))
+    assert vars(model[6])["forward"] is own
+    assert not any("forward" in vars(m) for i, m in enumerate(model) if i != 6)
+    with pytest.raises(RuntimeError), FeatureRecorder(model):
+        assert vars(model[6])["forward"] is not own  # wrapped while recording
+        model(torch.rand(1, 5, 32, 32))
+    assert vars(model[6])["forward"] is own
+
+
+def wrapped_modules(model: nn.Module) -> int:
+    return sum("forward" in vars(m) for m in model.modules())
+
+
+def test_hooks_instead_of_wrappers_where_a_hook_may_change_what_flows_on():
+    model, x = torchvision.models.resnet18().eval(), torch.rand(2, 3, 64, 64)
+    with FeatureRecorder(model):
+        assert wrapped_modules(model) == len(list(model.modules())) - 1  # all but the model itself
+    wrapped = record(model, x)
+
+    # While a global forward hook is registered: hooks everywhere, the same recording.
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        with FeatureRecorder(model):
+            assert wrapped_modules(model) == 0
+        hooked = record(model, x)
+    finally:
+        handle.remove()
+    assert (hooked.final_layer, hooked.stage_layers) == (wrapped.final_layer, wrapped.stage_layers)
+    torch.testing.assert_close(hooked.final, wrapped.final, rtol=0, atol=0)
+    for a, b in zip(hooked.stage_maps, wrapped.stage_maps, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # A module's own hook that replaces its output: the recorder sees what flows on.
+    model.layer4.register_forward_hook(lambda module, args, output: output + 1)
+    replaced = record(model, x)
+    assert replaced.final_layer == "layer4"
+    torch.testing.assert_close(replaced.final, wrapped.final + 1)
+
+    # nn.DataParallel replicas copy module attributes, wrappers included: hooks.
+    parallel = nn.DataParallel(model)
+    with FeatureRecorder(parallel):
+        assert wrapped_modules(parallel) == 0
+    assert record(parallel, x).final_layer == "module.layer4"
+
+
 def test_recorder_cannot_be_entered_twice():
     recorder = FeatureRecorder(tiny_cnn())
     with recorder, pytest.raises(RuntimeError, match=r"already active"), recorder:
