@@ -3,7 +3,8 @@
 Prints a Markdown table, one row per model and batch size:
 
 * the median wall time of a plain ``torch.no_grad()`` forward and of ``prism()`` (forward + PCA +
-  gradual extrapolation + RGB), and the median of their ratio over interleaved runs (target ≤ 1.10);
+  gradual extrapolation + RGB), and the median of their ratio over interleaved runs, each round in
+  a shuffled order (target ≤ 1.10);
 * the same ratio for ``prism()`` told the layers (``final_layer=`` and ``stage_layers=`` from the
   first call, so its hooks sit on those few modules instead of on every one): what discovering
   them costs;
@@ -19,10 +20,11 @@ after each call and takes page faults to get it again (EfficientNet-Lite0 at bat
 0.19–0.33 s when it does, 0.11–0.15 s when it does not), and which of the two happens in a
 process is not under the benchmark's control. ``--keep-heap`` fixes it: it tells glibc (``mallopt``)
 to keep freed memory, the fast regime for both sides of the ratio and so the strict one for
-``prism()``'s fixed cost.
+``prism()``'s fixed cost. On a shared 2-core machine the median of a few rounds scatters by several
+per cent (EfficientNet-Lite0 at batch 8, 15 rounds: 1.07 to 1.14 in one hour); 60 rounds settle it.
 
     python benchmarks/bench_prism.py                  # the README table (several minutes)
-    python benchmarks/bench_prism.py --keep-heap --models efficientnet-lite0 --batches 8
+    python benchmarks/bench_prism.py --keep-heap --models efficientnet-lite0 --batches 8 --repeats 60
     python benchmarks/bench_prism.py --models resnet50 --batches 8 --repeats 2
     python benchmarks/bench_prism.py --models vgg16 --batches 16   # the memory target's case
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -171,22 +174,21 @@ def main() -> None:
             first = prism(model, images)  # warm-up of every path
             layers = {"final_layer": first.final_layer, "stage_layers": first.stage_layers}
             prism(model, images, **layers)
-            plain_times, prism_times, named_times = [], [], []
-            for _ in range(args.repeats):  # interleaved runs, so drift hits all alike
-                start = time.perf_counter()
-                plain(model, images)
-                plain_times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                result = prism(model, images)
-                prism_times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                prism(model, images, **layers)
-                named_times.append(time.perf_counter() - start)
+            calls = {"plain": (plain, {}), "prism": (prism, {}), "named": (prism, layers)}
+            times: dict[str, list[float]] = {key: [] for key in calls}
+            order = random.Random(0)
+            for _ in range(args.repeats):  # interleaved, in a shuffled order: drift hits all alike
+                for key in order.sample(list(calls), len(calls)):
+                    function, kwargs = calls[key]
+                    start = time.perf_counter()
+                    function(model, images, **kwargs)
+                    times[key].append(time.perf_counter() - start)
+            plain_times, prism_times, named_times = times["plain"], times["prism"], times["named"]
             t_plain, t_prism = statistics.median(plain_times), statistics.median(prism_times)
             ratio = statistics.median(b / a for a, b in zip(plain_times, prism_times, strict=True))
             named = statistics.median(b / a for a, b in zip(plain_times, named_times, strict=True))
             start = time.perf_counter()
-            result.explained_variance  # noqa: B018 - the full spectrum, computed on first access
+            first.explained_variance  # noqa: B018 - the full spectrum, computed on first access
             t_spectrum = time.perf_counter() - start
             peak_plain, peak_prism = measure_peak(name, batch, "plain"), measure_peak(name, batch, "prism")
             kept = stage_activation_bytes(model, images)
