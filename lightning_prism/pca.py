@@ -141,10 +141,10 @@ def _iterative(centred: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
 
     Each iteration multiplies a ``(c, k + OVERSAMPLING)`` orthonormal block by ``Xᵀ X`` (two thin
     matrix products with ``X``, never forming ``Xᵀ X``; iterating on a precomputed Gram matrix
-    measured no faster from 392 rows up, with the earlier pixel-major copy of ``X``). From the ``POWER_STEPS``-th product on, it takes the Ritz
-    pairs of the block and stops once every wanted pair's residual ``‖Xᵀ X v − λ v‖`` is below
-    ``TOLERANCE`` times its gap to the neighbouring Ritz values (which bounds the angle to the true
-    axis) or at float rounding level.
+    measured no faster from 392 rows up, with the earlier pixel-major copy of ``X``). From the
+    ``POWER_STEPS``-th product on, it takes the Ritz pairs of the block and stops once every wanted
+    pair's residual ``‖Xᵀ X v − λ v‖`` is below ``TOLERANCE`` times its gap to the neighbouring Ritz
+    values (which bounds the angle to the true axis) or at float rounding level.
 
     The start block spans random combinations of the pixel rows (``Xᵀ Ω``, fixed seed, so the
     result is deterministic): the principal axes lie in the row space, so this start is half an
