@@ -285,7 +285,7 @@ class FeatureRecorder:
                     continue  # an nn.Identity hands its input on: it produces no tensor to name
                 # A module without children runs nothing hooked inside, so its exit hook can see
                 # what its entry hook would have (call order, input, producer): one hook, not two.
-                leaf = next(module.children(), None) is None
+                leaf = not module._modules  # no children (a None entry counts as one: harmless)
                 on_enter, on_exit = None if leaf else self._on_enter, self._make_on_exit(name, leaf=leaf)
                 if wrap and not module._forward_hooks:
                     root(_ForwardWrapper(module, on_enter, on_exit))
