@@ -6,8 +6,8 @@ Prints a Markdown table, one row per model and batch size:
   gradual extrapolation + RGB), and the median of their ratio over interleaved runs, each round in
   a shuffled order (target ≤ 1.10);
 * the same ratio for ``prism()`` told the layers (``final_layer=`` and ``stage_layers=`` from the
-  first call, so its hooks sit on those few modules instead of on every one): what discovering
-  them costs;
+  first call, so hooks sit on those few modules instead of wrappers on every one): what
+  discovering them costs;
 * the peak memory (resident-set high-water mark) of each, measured in a fresh process whose
   high-water mark is reset just before the call (median of five processes), the extra peak memory
   of ``prism()`` (target ≤ 60 MB for vgg16 at batch 16) and what keeping every stage activation

@@ -105,11 +105,11 @@ def prism(
     """Principal Image Sections Mapping of a batch.
 
     Runs one forward pass of ``model`` on ``images`` in eval mode without gradients, recording only
-    the final feature map and one small map per stage (hooks exist only during the call and are
-    removed on every path; a second pass only for an unusual nesting of downsampling modules, see
-    :class:`~lightning_prism.recording.FeatureRecorder`); then computes the batch PCA of the final
-    feature map on its device, in at least float32, and upsamples the top three components through
-    the stages. Every module's ``training`` flag is restored exactly as found; nothing is kept
+    the final feature map and one small map per stage (forward wrappers or hooks exist only during
+    the call and are removed on every path; a second pass only for an unusual nesting of
+    downsampling modules, see :class:`~lightning_prism.recording.FeatureRecorder`); then computes
+    the batch PCA of the final feature map on its device, in at least float32, and upsamples the top
+    three components through the stages. Every module's ``training`` flag is restored exactly as found; nothing is kept
     between calls. Works under ``torch.inference_mode()`` and autocast (the maths runs with
     autocast disabled).
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +146,12 @@ class _ForwardWrapper:
     path of ``nn.Module.__call__`` (see the module docstring for when hooks are used instead).
     """
 
-    def __init__(self, module: nn.Module, on_enter: Any, on_exit: Any) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        on_enter: Callable[[nn.Module, tuple[Any, ...]], None] | None,
+        on_exit: Callable[[nn.Module, tuple[Any, ...], Any], None],
+    ) -> None:
         self.module = module
         state = vars(module)
         self._own = state.get("forward", _MISSING)  # a forward already set on the instance: put back
