@@ -109,9 +109,9 @@ def prism(
     the call and are removed on every path; a second pass only for an unusual nesting of
     downsampling modules, see :class:`~lightning_prism.recording.FeatureRecorder`); then computes
     the batch PCA of the final feature map on its device, in at least float32, and upsamples the top
-    three components through the stages. Every module's ``training`` flag is restored exactly as found; nothing is kept
-    between calls. Works under ``torch.inference_mode()`` and autocast (the maths runs with
-    autocast disabled).
+    three components through the stages. Every module's ``training`` flag is restored exactly as
+    found; nothing is kept between calls. Works under ``torch.inference_mode()`` and autocast (the
+    maths runs with autocast disabled).
 
     Args:
         model: a CNN (any ``nn.Module`` whose forward produces 4-D feature maps).
