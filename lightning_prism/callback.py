@@ -8,8 +8,10 @@ package runs it; :class:`PRISMMonitor` is the ``pytorch_lightning`` callback and
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,13 +20,13 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
-from .engine import BASES, PRISMResult, prism
+from .engine import BASES, BasisMismatchError, PRISMResult, prism
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
 from .recording import resolve_module
-from .render import caption_grid, denormalize, overlay, to_uint8
+from .render import caption_grid, denormalize, overlay, to_uint8, with_invalid_tiles
 from .render import evolution_strip as render_evolution_strip
 from .separation import class_separation
 
@@ -41,21 +43,57 @@ def _check_key(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be None (find it), an int position or a str key, got {value!r}")
 
 
+def _cpu(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.cpu()
+
+
+def _logits(output: Any, batch_size: int) -> Tensor | None:
+    """The ``(N, classes)`` scores in a model's output: a tensor, the ``logits`` of a Hugging Face
+    output or a dict, or the first such tensor of a tuple."""
+    if isinstance(output, Mapping) or hasattr(output, "logits"):
+        output = (
+            output["logits"]
+            if isinstance(output, Mapping) and "logits" in output
+            else getattr(output, "logits", None)
+        )
+    elif isinstance(output, (tuple, list)):
+        output = next((o for o in output if isinstance(o, Tensor) and o.ndim == 2), None)
+    if isinstance(output, Tensor) and output.ndim == 2 and output.shape[0] == batch_size:
+        return output
+    return None
+
+
+def _raised_in_call_of(error: BaseException, module: nn.Module) -> bool:
+    """Whether ``error`` came out of calling ``module`` (its ``forward``, or binding its arguments)."""
+    call = nn.Module._call_impl.__code__
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is call and tb.tb_frame.f_locals.get("self") is module:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class PRISMMonitorBase:
     r"""Log PRISM maps of a fixed probe batch of validation images at the end of validation.
 
-    The probe is chosen once, deterministically, from the validation dataset (spread over as many
-    classes as the labels show), kept on the training device and identical on every rank and epoch;
-    its dataset indices and the colour basis are saved in checkpoints. At the end of every
+    The probe is a validation batch: chosen once per ``fit`` (and per ``validate()``),
+    deterministically, from the samples that the validation dataloader yields (its dataset *and* its
+    sampler, over every rank, within ``limit_val_batches``; spread over as many classes as the labels
+    show), collated by the dataloader's ``collate_fn`` and put through every step a validation batch
+    goes through before ``validation_step``: the precision plugin's input conversion, the
+    DataModule's and LightningModule's ``on_before_batch_transfer``, ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer``. It is identical on every rank and epoch; its dataset indices, the
+    options that chose it and the colour basis are saved in checkpoints. At the end of every
     ``every_n_epochs``-th validation epoch (never during the sanity check, and also in
     ``trainer.validate()``) the monitor runs :func:`~lightning_prism.prism` on the probe with the
-    LightningModule itself, in eval mode under the trainer's precision and the grad mode Lightning
-    chose for the loop (``torch.no_grad()`` during ``fit``, inference mode in ``validate()`` unless
-    the trainer avoids it), and logs to every logger:
+    LightningModule itself (or its submodule ``module``), in eval mode under the trainer's precision
+    and the grad mode Lightning chose for the loop (``torch.no_grad()`` during ``fit``, inference
+    mode in ``validate()`` unless the trainer avoids it), and logs to every logger:
 
     * ``<prefix>/maps`` and ``<prefix>/overlay``: grids with each image's true label and the
       model's prediction underneath (a wrong prediction in red);
-    * ``<prefix>/inputs``: the de-normalised probe (first logged epoch only);
+    * ``<prefix>/inputs``: the de-normalised probe (once per run and logger);
     * scalars ``<prefix>/explained_variance/pc1``..``pc3`` (the share of the probe's variance
       along the red, green and blue axes, :attr:`~lightning_prism.PRISMResult.colour_variance`),
       ``<prefix>/similarity/previous`` and
@@ -67,20 +105,32 @@ class PRISMMonitorBase:
 
     Images go to TensorBoard's ``add_image`` (step = ``trainer.global_step``, same tag every epoch
     so the slider scrubs through epochs) or to a logger's ``log_image``. Outside its own forward
-    pass the model carries no hook of the monitor. A failure at run time is one warning per cause
-    and training goes on, unless ``strict=True``.
+    pass the model carries no hook of the monitor, and the global random state is left as found. A
+    failure at run time is one warning per cause and training goes on, unless ``strict=True``. A
+    probe image with NaN or infinite values is named in a warning and shown as an invalid tile; the
+    other images still get their maps. A monitor reused for another ``fit`` starts afresh (new
+    probe, basis, strip) unless its state is restored from a checkpoint; a colour basis that does
+    not fit the model (restored, or after the model changed) is replaced by a fresh one, with a
+    warning.
 
     Args:
         num_images: probe size (ignored when ``indices`` is given).
-        indices: explicit dataset indices of the probe images.
+        indices: explicit dataset indices of the probe images; each must be a sample that the
+            validation dataloader yields.
         every_n_epochs: run every this many epochs during ``fit``.
-        dataloader_idx: which validation dataloader supplies the probe.
+        dataloader_idx: which validation dataloader supplies the probe: its position (in the order
+            Lightning numbers them, as the ``dataloader_idx`` of ``validation_step``) or, for a dict
+            of dataloaders, its key.
         image_key: position (tuple/list batch) or key (dict batch) of the images; ``None`` finds them.
         label_key: position or key of the labels; ``None`` finds them if there are any.
+        module: dotted name of the LightningModule's submodule whose ``forward`` takes the image
+            batch (e.g. ``"model"`` when the LightningModule's own ``forward`` takes a dict);
+            ``None``: the LightningModule itself. PRISM calls ``forward(images)``.
         extrapolate: gradual extrapolation to the input resolution (``False``: final-map resolution).
-        final_layer: module name (relative to the LightningModule, e.g. ``"model.layer4"``) of the
-            final feature map; discovered if ``None``.
-        stage_layers: module names of the stages; discovered if ``None``.
+        final_layer: module name of the final feature map, always relative to the LightningModule
+            (e.g. ``"model.layer4"``, also with ``module="model"``); discovered if ``None``.
+        stage_layers: module names of the stages (relative to the LightningModule); discovered if
+            ``None``.
         mean: per-channel mean of the input normalisation, to undo it for display.
         std: per-channel std of the input normalisation.
         prefix: tag prefix.
@@ -94,8 +144,11 @@ class PRISMMonitorBase:
         strict: raise instead of warning when PRISM fails at run time.
 
     Raises:
-        ValueError: for an invalid argument (the message names the valid choices).
-        MisconfigurationException: at ``setup`` with ``Trainer(logger=False)``.
+        ValueError: for an invalid argument (the message names the valid choices); at ``setup``, for
+            a ``module``, ``final_layer`` or ``stage_layers`` name that the LightningModule does not
+            have (listing the nearest names), or a layer outside ``module``.
+        MisconfigurationException: at ``setup`` of ``fit`` or ``validate`` with
+            ``Trainer(logger=False)`` (``test`` and ``predict`` run normally).
 
     Example::
 
@@ -117,9 +170,10 @@ class PRISMMonitorBase:
         num_images: int = 8,
         indices: list[int] | None = None,
         every_n_epochs: int = 1,
-        dataloader_idx: int = 0,
+        dataloader_idx: int | str = 0,
         image_key: int | str | None = None,
         label_key: int | str | None = None,
+        module: str | None = None,
         extrapolate: bool = True,
         final_layer: str | None = None,
         stage_layers: list[str] | None = None,
@@ -134,7 +188,13 @@ class PRISMMonitorBase:
     ) -> None:
         _check_int("num_images", num_images, 1)
         _check_int("every_n_epochs", every_n_epochs, 1)
-        _check_int("dataloader_idx", dataloader_idx, 0)
+        if not (isinstance(dataloader_idx, str) and dataloader_idx):
+            try:
+                _check_int("dataloader_idx", dataloader_idx, 0)
+            except ValueError:
+                raise ValueError(
+                    f"dataloader_idx must be an integer >= 0 (position) or a dict key, got {dataloader_idx!r}"
+                ) from None
         if indices is not None:
             if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not indices:
                 raise ValueError(f"indices must be a non-empty list of dataset indices, got {indices!r}")
@@ -144,6 +204,10 @@ class PRISMMonitorBase:
                 raise ValueError(f"indices must be distinct, got {list(indices)}")
         _check_key("image_key", image_key)
         _check_key("label_key", label_key)
+        if module is not None and (not isinstance(module, str) or not module or module.startswith(".")):
+            raise ValueError(
+                f"module must be None (the LightningModule) or the dotted name of a submodule, got {module!r}"
+            )
         if basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
         if (mean is None) != (std is None):
@@ -167,6 +231,7 @@ class PRISMMonitorBase:
         self.dataloader_idx = dataloader_idx
         self.image_key = image_key
         self.label_key = label_key
+        self.module = module
         self.extrapolate = extrapolate
         self.final_layer = final_layer
         self.stage_layers = None if stage_layers is None else list(stage_layers)
@@ -179,16 +244,20 @@ class PRISMMonitorBase:
         self.evolution_strip = evolution_strip
         self.strict = strict
 
+        self._warned: set[str] = set()
+        self.evolution_path: str | None = None  # where on_fit_end wrote the evolution strip
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Forget everything a previous ``fit`` chose: probe, basis, strip, what was logged."""
         self._probe: Probe | None = None
         self._probe_indices: list[int] | None = self.indices
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
-        self._inputs_logged = False
-        self._warned: set[str] = set()
+        self._inputs_logged_to: weakref.WeakSet[Any] = weakref.WeakSet()  # loggers that got `inputs`
         self._strip_rows: list[np.ndarray] = []
         self._strip_labels: list[str] = []
         self._strip_inputs: np.ndarray | None = None
-        self.evolution_path: str | None = None  # where on_fit_end wrote the evolution strip
 
     # ------------------------------------------------------------------ state
     @property
@@ -197,12 +266,16 @@ class PRISMMonitorBase:
             prefix=self.prefix, final_layer=self.final_layer, stage_layers=self.stage_layers
         )
 
+    def _probe_options(self) -> dict[str, Any]:
+        return {"num_images": self.num_images, "indices": self.indices, "dataloader_idx": self.dataloader_idx}
+
     def state_dict(self) -> dict[str, Any]:
         def plain(t: Tensor | None) -> list[list[float]] | None:
             return None if t is None else t.detach().cpu().double().tolist()
 
         return {
             "probe_indices": self._probe_indices,
+            "probe_options": self._probe_options(),
             "reference": plain(self._reference),
             "first": plain(self._first),
         }
@@ -211,22 +284,57 @@ class PRISMMonitorBase:
         def tensor(value: Any) -> Tensor | None:
             return None if value is None else torch.tensor(value, dtype=torch.float32)
 
-        if self.indices is None:
-            self._probe_indices = state_dict.get("probe_indices", self._probe_indices)
+        self._probe = None
+        self._probe_indices = self.indices
+        saved = state_dict.get("probe_indices")
+        if saved is not None:
+            # Older checkpoints did not save the options: what the saved probe itself shows.
+            options = state_dict.get("probe_options") or {"num_images": len(saved), "indices": None}
+            asked = self._probe_options()
+            changed = {
+                key: (options.get(key), asked[key])
+                for key in ("num_images", "indices", "dataloader_idx")
+                if key in options and options[key] != asked[key]
+            }
+            if self.indices is None and not changed:
+                self._probe_indices = [int(i) for i in saved]
+            elif changed and list(saved) != self._probe_indices:
+                was = ", ".join(f"{key}={old!r}" for key, (old, _) in changed.items())
+                now = ", ".join(f"{key}={new!r}" for key, (_, new) in changed.items())
+                self._warn_once(
+                    "resumed-probe",
+                    f"PRISMMonitor: the checkpoint's probe ({len(saved)} images, dataset indices {list(saved)}) "
+                    f"was chosen with {was}; this monitor is configured with {now}, so it builds a new probe from "
+                    "those options. The colour basis carries on from the checkpoint; the evolution strip and the "
+                    "`inputs` image start again with the new probe.",
+                )
         self._reference = tensor(state_dict.get("reference"))
         self._first = tensor(state_dict.get("first"))
-        self._probe = None
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):  # the monitor only works at the end of validation
+            return
         if not trainer.loggers:
             raise self.misconfiguration(
                 "Cannot use `PRISMMonitor` callback with `Trainer(logger=False)`: it logs images to the loggers."
             )
-        if self.final_layer is not None:
-            resolve_module(pl_module, self.final_layer)
-        for name in self.stage_layers or []:
-            resolve_module(pl_module, name, allow_input=True)
+        self._target(pl_module)
+        prefix = "" if self.module is None else self.module + "."
+        for name, allow_input in [(self.final_layer, False), *((s, True) for s in self.stage_layers or [])]:
+            if name is None:
+                continue
+            resolve_module(pl_module, name, allow_input=allow_input)
+            if not name.startswith(prefix):
+                raise ValueError(
+                    f"layer {name!r} is not inside module={self.module!r}; layer names are relative to the "
+                    f"LightningModule and must start with {prefix!r}"
+                )
+        if stage == "fit":
+            self._new_run()  # restoring a checkpoint (after setup) brings the saved state back
+        else:
+            self._probe = None  # the probe of this run's validation dataloader
+            self._probe_indices = self.indices
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -250,52 +358,169 @@ class PRISMMonitorBase:
             return
         assert self._strip_inputs is not None
         directory = next(
-            (logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)),
-            trainer.default_root_dir,
+            (logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)), None
         )
+        if directory is None:  # no logger stores files (fast_dev_run's DummyLogger): nothing to write
+            return
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{self.prefix.replace('/', '_')}_evolution.png")
         render_evolution_strip(self._strip_inputs, self._strip_rows, self._strip_labels).save(path)
         self.evolution_path = path
 
-    # ------------------------------------------------------------------ work
-    def _get_probe(self, trainer: pl.Trainer, device: torch.device) -> Probe:
-        if self._probe is None:
-            loaders = trainer.val_dataloaders
-            if loaders is None:
-                raise RuntimeError("no validation dataloader to take the probe from")
-            loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
-            if self.dataloader_idx >= len(loaders):
-                raise ValueError(
-                    f"dataloader_idx={self.dataloader_idx} but there are {len(loaders)} validation dataloaders"
-                )
-            self._probe = build_probe(
-                loaders[self.dataloader_idx],
-                self.num_images,
-                self._probe_indices,
-                self.image_key,
-                self.label_key,
-                device,
-            )
-            self._probe_indices = self._probe.indices
-        return self._probe
+    # ------------------------------------------------------------------ the probe
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The module whose ``forward`` takes the images (raises for an unknown ``module`` name)."""
+        return pl_module if self.module is None else resolve_module(pl_module, self.module)[0]
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        probe = self._get_probe(trainer, pl_module.device)
-        reference = self._first if self.basis == "fixed" else self._reference
+    def _dataloader(self, trainer: pl.Trainer) -> tuple[Any, int]:
+        """The validation dataloader that supplies the probe, and its ``dataloader_idx``."""
+        loop = (
+            trainer.validate_loop if trainer.state.fn == "validate" else trainer.fit_loop.epoch_loop.val_loop
+        )
+        combined = loop._combined_loader
+        if combined is None:
+            raise RuntimeError("no validation dataloader to take the probe from")
+        loaders = combined.flattened
+        iterables = combined.iterables
+        if isinstance(self.dataloader_idx, str):
+            keys = list(iterables) if isinstance(iterables, Mapping) else []
+            if self.dataloader_idx not in keys:
+                raise ValueError(
+                    f"dataloader_idx={self.dataloader_idx!r} names no validation dataloader; "
+                    + (f"the keys are {keys}" if keys else "the validation dataloaders are not a dict")
+                )
+            index = keys.index(self.dataloader_idx)
+        else:
+            index = self.dataloader_idx
+        if index >= len(loaders):
+            raise ValueError(
+                f"dataloader_idx={self.dataloader_idx} but there are {len(loaders)} validation dataloaders"
+            )
+        return loaders[index], index
+
+    def _get_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Probe:
+        if self._probe is not None:
+            return self._probe
+        loader, index = self._dataloader(trainer)
+
+        def as_validation_batch(batch: Any) -> Any:
+            # What the evaluation loop does to every batch before `validation_step`.
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=index)
+            return trainer.strategy.batch_to_device(batch, dataloader_idx=index)
+
+        def build() -> Probe:
+            options = (self.num_images, self.image_key, self.label_key)
+            limit = trainer.num_val_batches[index] if index < len(trainer.num_val_batches) else None
+            try:
+                return build_probe(
+                    loader,
+                    options[0],
+                    self._probe_indices,
+                    *options[1:],
+                    process=as_validation_batch,
+                    max_batches=limit,
+                )
+            except IndexError:
+                if self._probe_indices is None or self.indices is not None:
+                    raise
+                # Indices restored from a checkpoint that this validation data does not yield.
+                self._warn_once(
+                    "restored-indices",
+                    f"PRISMMonitor: the checkpoint's probe indices {self._probe_indices} are not samples of this "
+                    "run's validation dataloader; a new probe is chosen from it.",
+                )
+                return build_probe(loader, *options, process=as_validation_batch, max_batches=limit)
+
+        if trainer.world_size > 1:
+            # One probe for every rank: rank zero builds it (a transform with randomness, or a
+            # dataset that streams different samples to each rank, would otherwise differ) and
+            # broadcasts it, together with its error if it failed, so that no rank waits forever.
+            payload: tuple[Probe | None, str | None] = (None, None)
+            if trainer.is_global_zero:
+                try:
+                    probe = build()
+                    payload = (
+                        dataclasses.replace(probe, images=probe.images.cpu(), labels=_cpu(probe.labels)),
+                        None,
+                    )
+                except Exception as error:
+                    payload = (None, f"{type(error).__name__}: {error}")
+            shared, failure = trainer.strategy.broadcast(payload, src=0)
+            if shared is None:
+                raise RuntimeError(f"building the probe failed on rank zero: {failure}")
+            device = pl_module.device
+            probe = dataclasses.replace(
+                shared,
+                images=shared.images.to(device),
+                labels=None if shared.labels is None else shared.labels.to(device),
+            )
+        else:
+            probe = build()
+        bad = (~probe.finite).nonzero().flatten().tolist()
+        if len(bad) == len(probe.finite):
+            raise ValueError("every probe image contains NaN or infinite values")
+        if bad:
+            where = "" if probe.indices is None else f" (dataset indices {[probe.indices[i] for i in bad]})"
+            self._warn_once(
+                "non-finite-probe",
+                f"PRISMMonitor: probe image(s) {bad}{where} contain NaN or infinite values; they are shown as "
+                "invalid tiles and left out of the PCA, the other images get their maps.",
+            )
+        self._probe = probe
+        self._probe_indices = probe.indices
+        return probe
+
+    # ------------------------------------------------------------------ work
+    def _prism(
+        self, target: nn.Module, images: Tensor, trainer: pl.Trainer, reference: Tensor | None
+    ) -> PRISMResult:
+        strip = 0 if self.module is None else len(self.module) + 1
         with trainer.precision_plugin.forward_context():
-            result = prism(
-                pl_module,
-                probe.images,
+            return prism(
+                target,
+                images,
                 extrapolate=self.extrapolate,
-                final_layer=self.final_layer,
-                stage_layers=self.stage_layers,
+                final_layer=None if self.final_layer is None else self.final_layer[strip:],
+                stage_layers=None if self.stage_layers is None else [s[strip:] for s in self.stage_layers],
                 basis=self.basis,  # type: ignore[arg-type]
                 reference=reference,
                 # Lightning's choice for this loop: never during fit (inference tensors could reach
                 # training), nor with Trainer(inference_mode=False), FSDP, XLA or gloo.
                 inference_mode=torch.is_inference_mode_enabled(),
             )
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probe = self._get_probe(trainer, pl_module)
+        target = self._target(pl_module)
+        finite = probe.finite
+        images = probe.images if bool(finite.all()) else probe.images[finite]
+        reference = self._first if self.basis == "fixed" else self._reference
+        try:
+            result = self._prism(target, images, trainer, reference)
+        except BasisMismatchError as error:
+            self._warn_once(
+                "basis-mismatch",
+                f"PRISMMonitor: the saved colour basis does not fit this model ({error}); a fresh basis starts "
+                "now, so colours and similarities are not comparable with earlier epochs.",
+            )
+            self._reference = self._first = None
+            result = self._prism(target, images, trainer, None)
+        except Exception as error:
+            if not _raised_in_call_of(error, target):
+                raise
+            children = [name for name, _ in target.named_children()]
+            raise RuntimeError(
+                f"the probe forward failed: {type(error).__name__}: {error}. PRISM calls "
+                f"{type(target).__name__}.forward(images) with the image batch of shape {tuple(images.shape)}; "
+                "if that forward takes something else (a dict, several arguments), pass module='<name>' naming "
+                "the submodule whose forward takes the images"
+                + (
+                    f" (submodules of {type(target).__name__}: {', '.join(map(repr, children))})"
+                    if children
+                    else ""
+                )
+            ) from error
         components = result.components.detach()
         scalars = {
             f"{self.prefix}/explained_variance/pc{i + 1}": float(v)
@@ -308,7 +533,7 @@ class PRISMMonitorBase:
         if self._first is not None and self._first.shape == components.shape:
             scalars[f"{self.prefix}/similarity/first"] = float(subspace_similarity(components, self._first))
         if probe.labels is not None:
-            separation = class_separation(result.features, probe.labels)
+            separation = class_separation(result.features, probe.labels[finite])
             if separation is not None:
                 scalars[f"{self.prefix}/class_separation"] = float(separation)
         if self._first is None:
@@ -318,11 +543,13 @@ class PRISMMonitorBase:
             self._log(trainer, probe, result, scalars)
 
     def _captions(self, probe: Probe, result: PRISMResult) -> tuple[list[str] | None, list[bool] | None]:
-        predictions = None
-        output = result.output
-        if isinstance(output, Tensor) and output.ndim == 2 and output.shape[0] == probe.images.shape[0]:
-            predictions = output.argmax(dim=1).tolist()
-        if probe.labels is None and predictions is None:
+        """One caption per probe image (``true → predicted``) and whether to mark it (wrong, or an
+        invalid input left out of the PCA)."""
+        finite = probe.finite.tolist()
+        logits = _logits(result.output, sum(finite))
+        predicted = iter(logits.argmax(dim=1).tolist()) if logits is not None else None
+        predictions = [next(predicted) if ok else None for ok in finite] if predicted is not None else None
+        if probe.labels is None and predictions is None and all(finite):
             return None, None
 
         names = self.class_names if self.class_names is not None else probe.class_names
@@ -331,29 +558,30 @@ class PRISMMonitorBase:
             return names[index] if names is not None and 0 <= index < len(names) else str(index)
 
         labels = probe.labels.tolist() if probe.labels is not None else None
-        captions, wrong = [], []
-        for i in range(probe.images.shape[0]):
+        captions, marked = [], []
+        for i, ok in enumerate(finite):
             true = name(labels[i]) if labels is not None else "?"
-            if predictions is None:
+            if not ok:
+                captions.append(f"{true}: NaN/inf input")
+                marked.append(True)
+            elif predictions is None:
                 captions.append(true)
-                wrong.append(False)
+                marked.append(False)
             else:
                 captions.append(f"{true} → {name(predictions[i])}")
-                wrong.append(labels is not None and labels[i] != predictions[i])
-        return captions, wrong
+                marked.append(labels is not None and labels[i] != predictions[i])
+        return captions, marked
 
     def _log(self, trainer: pl.Trainer, probe: Probe, result: PRISMResult, scalars: dict[str, float]) -> None:
         step = trainer.global_step
         inputs = denormalize(probe.images, self.mean, self.std)
-        blended = overlay(inputs, result.maps, self.overlay_alpha)
+        maps = with_invalid_tiles(result.maps, probe.finite)
+        blended = overlay(inputs, maps, self.overlay_alpha)
         captions, wrong = self._captions(probe, result)
         images = {
-            f"{self.prefix}/maps": caption_grid(result.maps, captions, wrong),
+            f"{self.prefix}/maps": caption_grid(maps, captions, wrong),
             f"{self.prefix}/overlay": caption_grid(blended, captions, wrong),
         }
-        if not self._inputs_logged:
-            images[f"{self.prefix}/inputs"] = caption_grid(inputs)
-            self._inputs_logged = True
         if self._strip_inputs is None:
             self._strip_inputs = to_uint8(inputs)
         self._strip_rows.append(to_uint8(blended))
@@ -361,12 +589,16 @@ class PRISMMonitorBase:
 
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
+            logged = dict(images)
+            if logger not in self._inputs_logged_to:
+                logged[f"{self.prefix}/inputs"] = caption_grid(inputs)
+                self._inputs_logged_to.add(logger)
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
-                for tag, image in images.items():
+                for tag, image in logged.items():
                     experiment.add_image(tag, image, global_step=step, dataformats="HWC")
             elif hasattr(logger, "log_image"):
-                for tag, image in images.items():
+                for tag, image in logged.items():
                     logger.log_image(key=tag, images=[image], step=step)
             else:
                 self._warn_once(

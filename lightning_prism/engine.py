@@ -15,11 +15,15 @@ from .extrapolation import gradual_extrapolation, to_rgb
 from .pca import align_components, explained_variance, principal_components, project
 from .recording import FeatureRecorder, Recording
 
-__all__ = ["BASES", "PRISMResult", "prism"]
+__all__ = ["BASES", "BasisMismatchError", "PRISMResult", "prism"]
 
 Basis = Literal["refit", "aligned", "fixed"]
 BASES: tuple[str, ...] = ("refit", "aligned", "fixed")
 NUM_COMPONENTS = 3
+
+
+class BasisMismatchError(ValueError):
+    """The ``reference`` basis given to :func:`prism` does not fit the final feature map's channels."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,8 @@ def prism(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module`` or ``images`` not a floating tensor.
         ValueError: for images that are not 4-D or empty, an unknown basis or layer name, a
-            reference of the wrong shape, a model without a spatial feature map, or a final feature
-            map that is not finite.
+            model without a spatial feature map, or a final feature map that is not finite.
+        BasisMismatchError: (a ``ValueError``) for a ``reference`` of the wrong shape.
 
     Example::
 
@@ -176,7 +180,7 @@ def prism(
         components, features = pcs.components, pcs.scores
         if reference is not None and basis != "refit":
             if reference.shape != components.shape:
-                raise ValueError(
+                raise BasisMismatchError(
                     f"reference basis has shape {tuple(reference.shape)}, expected {tuple(components.shape)} "
                     f"for the {final.shape[1]}-channel final feature map of {recording.final_layer!r}"
                 )

@@ -1,24 +1,49 @@
 """The fixed probe batch: which validation images PRISM shows, chosen once, the same everywhere.
 
-Selection is deterministic (no random numbers), so every rank of a distributed run and every
-epoch see the same images, and a resumed run rebuilds them from the saved indices.
+The probe is drawn only from the samples that the validation dataloader actually yields: for a
+map-style dataset, the indices its sampler or batch sampler hands out in one pass (over every rank of
+a ``DistributedSampler``, within Lightning's ``limit_val_batches``); for an iterable dataset, the first
+samples it streams. Selection is deterministic (the sampler is enumerated with a fixed seed, and the
+global random state, Python's and NumPy's included, is left exactly as found), so every rank, every
+epoch and a resumed run see the same images. The chosen samples are collated with the dataloader's own
+``collate_fn`` and handed to a ``process`` callable, which the callback sets to the steps that every
+validation batch goes through before ``validation_step`` (batch hooks, transfer, precision).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "Probe", "build_probe", "select_indices", "split_batch"]
+__all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "Probe",
+    "build_probe",
+    "dataloader_indices",
+    "select_indices",
+    "split_batch",
+]
 
 IMAGE_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls")
 SCAN_LIMIT = 256  # samples read to discover labels when a dataset has no `targets`
+#: Indices enumerated per rank at most (a sampler may be unbounded).
+ENUMERATION_LIMIT = 10_000_000
+#: The seed the sampler is enumerated with (inside a forked random state).
+SEED = 0
 
 
 @dataclass
@@ -26,7 +51,7 @@ class Probe:
     """Probe images with their labels and dataset indices.
 
     Attributes:
-        images: ``(N, C, H, W)`` floating images (as the model receives them).
+        images: ``(N, C, H, W)`` floating images, exactly as ``validation_step`` receives them.
         labels: ``(N,)`` long labels, or ``None``.
         indices: dataset indices of the images, or ``None`` for an iterable dataset.
         class_names: the dataset's names for the label indices (the ``classes`` attribute of
@@ -37,6 +62,11 @@ class Probe:
     labels: Tensor | None
     indices: list[int] | None
     class_names: list[str] | None = None
+
+    @property
+    def finite(self) -> Tensor:
+        """``(N,)`` bool: which images hold only finite values."""
+        return torch.isfinite(self.images).flatten(1).all(dim=1)
 
 
 def _pick(
@@ -114,56 +144,149 @@ def _is_class_label(value: Any) -> bool:
     )
 
 
+def _unwrap_subsets(dataset: Any) -> tuple[Any, list[int] | None]:
+    """The dataset under any ``Subset`` layers, and the map from outer indices to its indices."""
+    mapping: list[int] | None = None
+    while isinstance(dataset, Subset):
+        inner = [int(i) for i in dataset.indices]
+        mapping = inner if mapping is None else [inner[i] for i in mapping]
+        dataset = dataset.dataset
+    return dataset, mapping
+
+
 def _dataset_classes(dataset: Any) -> list[str] | None:
-    if isinstance(dataset, Subset):
-        return _dataset_classes(dataset.dataset)
-    classes = getattr(dataset, "classes", None)
+    classes = getattr(_unwrap_subsets(dataset)[0], "classes", None)
     if isinstance(classes, (list, tuple)) and classes:
         return [str(c) for c in classes]
     return None
 
 
 def _dataset_targets(dataset: Dataset) -> Sequence[int] | None:
-    if isinstance(dataset, Subset):
-        inner = _dataset_targets(dataset.dataset)
-        return None if inner is None else [int(inner[i]) for i in dataset.indices]
-    targets = getattr(dataset, "targets", None)
+    base, mapping = _unwrap_subsets(dataset)
+    targets = getattr(base, "targets", None)
     if targets is None or isinstance(targets, (str, bytes)):
         return None
     try:
-        return [int(t) for t in targets]
+        labels = [int(t) for t in targets]
     except (TypeError, ValueError):
         return None
+    return labels if mapping is None else [labels[i] for i in mapping]
+
+
+@contextmanager
+def _isolated_random_state(*owners: Any) -> Iterator[None]:
+    """Run the body with the CPU generator seeded with :data:`SEED`; afterwards the global random
+    state of torch (CPU), Python and NumPy, and that of every ``generator`` the owners carry, are
+    exactly as before."""
+    generators = [
+        g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)
+    ]
+    saved = [g.get_state() for g in generators]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(SEED)
+            yield
+    finally:
+        for generator, state in zip(generators, saved, strict=True):
+            generator.set_state(state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _index_passes(batch_sampler: Any) -> list[Any]:
+    """One batch sampler per rank: copies with each rank of a ``DistributedSampler``, else itself."""
+    sampler = getattr(batch_sampler, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return [batch_sampler]
+    passes = []
+    for rank in range(sampler.num_replicas):
+        per_rank = copy.copy(sampler)
+        per_rank.rank = rank
+        batches = copy.copy(batch_sampler)
+        batches.sampler = per_rank
+        passes.append(batches)
+    return passes
+
+
+def _samplers(dataloader: DataLoader) -> list[Any]:
+    """The dataloader and every sampler inside it (whose generators must be left as found)."""
+    found: list[Any] = [dataloader, dataloader.sampler, dataloader.batch_sampler]
+    inner = getattr(dataloader.batch_sampler, "sampler", None)
+    found.append(inner)
+    # Lightning's DistributedSamplerWrapper keeps the user's sampler in `dataset._sampler`.
+    found.append(getattr(getattr(inner, "dataset", None), "_sampler", None))
+    return [o for o in found if o is not None]
+
+
+def dataloader_indices(dataloader: DataLoader, max_batches: float | None = None) -> list[int] | None:
+    """Indices into ``dataloader.dataset`` that one pass of the dataloader yields, over all ranks.
+
+    The batch sampler (or the sampler inside Lightning's ``BatchSampler``) is enumerated as the
+    dataloader would, once per rank of a ``DistributedSampler``, with the CPU generator seeded
+    with :data:`SEED` and every random state restored afterwards.
+
+    Args:
+        dataloader: a validation dataloader.
+        max_batches: batches per rank that validation runs (``trainer.num_val_batches``);
+            ``None`` or infinite for all.
+
+    Returns:
+        Sorted distinct indices, or ``None`` when the dataloader does not index a map-style dataset
+        in batches (an ``IterableDataset``, or ``batch_size=None``).
+    """
+    if isinstance(dataloader.dataset, IterableDataset) or dataloader.batch_sampler is None:
+        return None
+    limit = None if max_batches is None or math.isinf(max_batches) else int(max_batches)
+    seen: set[int] = set()
+    with _isolated_random_state(*_samplers(dataloader)):
+        for batch_sampler in _index_passes(dataloader.batch_sampler):
+            taken = 0
+            for batch in itertools.islice(batch_sampler, limit):
+                seen.update(int(i) for i in batch)
+                taken += len(batch)
+                if taken >= ENUMERATION_LIMIT:
+                    break
+    return sorted(seen)
 
 
 def select_indices(
-    length: int, num_images: int, label_of: Callable[[int], int | None] | Sequence[int] | None = None
+    candidates: int | Sequence[int],
+    num_images: int,
+    label_of: Callable[[int], int | None] | Sequence[int] | None = None,
 ) -> list[int]:
     """Choose probe indices deterministically, spreading over as many classes as there are.
 
-    With labels, candidates are up to :data:`SCAN_LIMIT` evenly spaced indices (all of them for a
-    sequence of labels); classes are visited in sorted order, taking each class's first unused
-    candidate in turn, until ``num_images`` are chosen. Without labels the indices are evenly
-    spaced over the dataset.
+    With labels, classes are visited in sorted order, taking each class's first unused candidate in
+    turn, until ``num_images`` are chosen; a labelling function is asked about up to
+    :data:`SCAN_LIMIT` evenly spaced candidates only. Without labels the indices are evenly spaced
+    over the candidates.
 
     Args:
-        length: dataset length.
-        num_images: how many indices (fewer if the dataset is smaller).
-        label_of: the labels of the whole dataset, or a function giving one index's label.
+        candidates: the dataset indices to choose from (sorted), or a dataset length for all.
+        num_images: how many indices (fewer if there are fewer candidates).
+        label_of: the labels of the whole dataset (indexed by dataset index), or a function giving
+            one index's label.
 
     Returns:
         Sorted list of distinct indices.
+
+    Example::
+
+        >>> select_indices([10, 11, 12, 13, 14, 15], 4, lambda i: i % 3)
+        [10, 11, 12, 13]
     """
-    count = min(num_images, length)
-    evenly = sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(count)}) if count else []
+    pool = list(range(candidates)) if isinstance(candidates, int) else list(candidates)
+    count = min(num_images, len(pool))
+    positions = {round(i * (len(pool) - 1) / max(count - 1, 1)) for i in range(count)} if count else set()
+    evenly = [pool[p] for p in sorted(positions)]
     if label_of is None or count == 0:
         return evenly
     if callable(label_of):
-        step = max(1, length // SCAN_LIMIT)
-        candidates = range(0, length, step)
-        labelled = [(i, label_of(i)) for i in candidates]
+        step = max(1, len(pool) // SCAN_LIMIT)
+        labelled = [(i, label_of(i)) for i in pool[::step]]
     else:
-        labelled = list(enumerate(label_of))
+        labelled = [(i, label_of[i]) for i in pool]
     by_class: dict[int, list[int]] = {}
     for index, label in labelled:
         if label is not None:
@@ -181,6 +304,10 @@ def select_indices(
     return sorted(chosen[:count])
 
 
+def _to_device(device: torch.device | str | None) -> Callable[[Any], Any]:
+    return lambda batch: batch if device is None else move_data_to_device(batch, device)
+
+
 def build_probe(
     dataloader: DataLoader,
     num_images: int,
@@ -188,19 +315,40 @@ def build_probe(
     image_key: int | str | None = None,
     label_key: int | str | None = None,
     device: torch.device | str | None = None,
+    *,
+    process: Callable[[Any], Any] | None = None,
+    max_batches: float | None = None,
 ) -> Probe:
-    """Build the probe batch from a validation dataloader's dataset.
+    """Build the probe batch from the samples a validation dataloader yields.
 
-    Samples are read with ``dataset[i]`` and collated with the dataloader's own ``collate_fn``, so
-    the probe looks exactly like a validation batch. An iterable dataset (no ``__getitem__``)
-    gives the first ``num_images`` samples of the dataloader instead.
+    A map-style dataset: the indices come from :func:`dataloader_indices` (``indices`` must be
+    among them; otherwise :func:`select_indices` chooses), the samples are read with
+    ``dataset[i]`` and collated with the dataloader's own ``collate_fn`` into one batch. An iterable
+    dataset (or ``batch_size=None``): the first ``num_images`` samples that the dataloader yields.
+    Every batch goes through ``process`` before the images and labels are taken out of it.
+
+    Args:
+        dataloader: the validation dataloader.
+        num_images: probe size (ignored when ``indices`` is given).
+        indices: explicit dataset indices.
+        image_key, label_key: where the images and labels are in a batch (see :func:`split_batch`).
+        device: where to move a batch when ``process`` is not given.
+        process: what to apply to each collated batch before it is split (the callback passes the
+            validation loop's batch hooks, transfer and precision conversion).
+        max_batches: batches per rank that validation runs (``trainer.num_val_batches``).
+
+    Returns:
+        :class:`Probe`.
 
     Raises:
-        IndexError: if an explicit index is out of range.
+        IndexError: if an explicit index is out of range, or not yielded by the dataloader.
+        ValueError: if the dataloader yields no samples.
         TypeError: if the images are not a floating ``(N, C, H, W)`` tensor.
     """
+    process = process if process is not None else _to_device(device)
     dataset = dataloader.dataset
-    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+    candidates = dataloader_indices(dataloader, max_batches)
+    if candidates is not None:
         length = len(dataset)  # type: ignore[arg-type]
         if indices is None:
             targets = _dataset_targets(dataset)
@@ -209,31 +357,64 @@ def build_probe(
                 labels = split_batch(dataset[i], image_key, label_key)[1]
                 return None if labels is None else int(labels)
 
-            indices = select_indices(length, num_images, targets if targets is not None else label_of)
-        bad = [i for i in indices if not 0 <= i < length]
-        if bad:
-            raise IndexError(
-                f"probe indices {bad} are out of range for a validation dataset of {length} samples"
-            )
+            indices = select_indices(candidates, num_images, targets if targets is not None else label_of)
         indices = [int(i) for i in indices]
-        batch = dataloader.collate_fn([dataset[i] for i in indices])
+        outside = [i for i in indices if not 0 <= i < length]
+        if outside:
+            raise IndexError(
+                f"probe indices {outside} are out of range for a validation dataset of {length} samples"
+            )
+        yielded = set(candidates)
+        unused = [i for i in indices if i not in yielded]
+        if unused:
+            raise IndexError(
+                f"probe indices {unused} are samples that the validation dataloader never yields (its "
+                f"sampler hands out {len(yielded)} of the dataset's {length} samples)"
+            )
+        if not indices:
+            raise ValueError("the validation dataloader yields no samples to build the probe from")
+        batch = process(dataloader.collate_fn([dataset[i] for i in indices]))
         images, labels = split_batch(batch, image_key, label_key)
+        found: list[int] | None = indices
     else:
-        taken_images, taken_labels = [], []
-        for batch in dataloader:
-            images, labels = split_batch(batch, image_key, label_key)
+        images, labels = _stream(dataloader, num_images, image_key, label_key, process, max_batches)
+        found = None
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"probe images must be a floating (N, C, H, W) tensor, got {shape}; check image_key")
+    if labels is not None:
+        labels = torch.as_tensor(labels).long().reshape(-1).to(images.device)
+    return Probe(images, labels, found, _dataset_classes(dataset))
+
+
+def _stream(
+    dataloader: DataLoader,
+    num_images: int,
+    image_key: int | str | None,
+    label_key: int | str | None,
+    process: Callable[[Any], Any],
+    max_batches: float | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The first ``num_images`` samples that the dataloader yields, processed batch by batch."""
+    limit = None if max_batches is None or math.isinf(max_batches) else int(max_batches)
+    taken_images: list[Tensor] = []
+    taken_labels: list[Any] = []
+    with _isolated_random_state(*_samplers(dataloader)):
+        for batch in itertools.islice(iter(dataloader), limit):
+            images, labels = split_batch(process(batch), image_key, label_key)
+            if not isinstance(images, Tensor):
+                kind = type(images).__name__
+                raise TypeError(
+                    f"probe images must be a floating (N, C, H, W) tensor, got {kind}; check image_key"
+                )
             taken_images.append(images)
             taken_labels.append(labels)
             if sum(len(t) for t in taken_images) >= num_images:
                 break
-        images = torch.cat(taken_images)[:num_images]
-        has_labels = all(t is not None for t in taken_labels)
-        labels = torch.cat([torch.as_tensor(t) for t in taken_labels])[:num_images] if has_labels else None
-        indices = None
-    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise TypeError(f"probe images must be a floating (N, C, H, W) tensor, got {shape}; check image_key")
-    labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1).to(device)
-    return Probe(
-        images.to(device), labels, None if indices is None else list(indices), _dataset_classes(dataset)
-    )
+    if not taken_images:
+        raise ValueError("the validation dataloader yields no samples to build the probe from")
+    images = torch.cat(taken_images)[:num_images]
+    if any(t is None for t in taken_labels):
+        return images, None
+    labels = torch.cat([torch.as_tensor(t).reshape(-1).to(images.device) for t in taken_labels])
+    return images, labels[:num_images]

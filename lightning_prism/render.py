@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["caption_grid", "denormalize", "evolution_strip", "overlay", "to_uint8"]
+__all__ = ["caption_grid", "denormalize", "evolution_strip", "overlay", "to_uint8", "with_invalid_tiles"]
 
 PADDING = 2
 MISMATCH = (220, 40, 40)
@@ -28,9 +28,10 @@ def denormalize(
             them each image is min-max scaled on its own.
 
     Returns:
-        ``(N, 3, H, W)`` float32 in ``[0, 1]`` on the same device (grey images are repeated to RGB).
+        ``(N, 3, H, W)`` float32 in ``[0, 1]`` on the same device (grey images are repeated to RGB;
+        NaN and infinite values show as 0 before de-normalisation).
     """
-    images = images.detach().to(torch.float32)
+    images = images.detach().to(torch.float32).nan_to_num(0.0, posinf=0.0, neginf=0.0)
     if mean is not None and std is not None:
         m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
@@ -42,6 +43,40 @@ def denormalize(
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return images[:, :3].clamp(0, 1)
+
+
+def with_invalid_tiles(maps: Tensor, valid: Tensor) -> Tensor:
+    """Put the maps of the valid images in place and an invalid tile (grey, crossed out in red)
+    where an image had no map.
+
+    Args:
+        maps: ``(M, 3, H, W)`` maps of the valid images, in order.
+        valid: ``(N,)`` bool, ``M`` of them true.
+
+    Returns:
+        ``(N, 3, H, W)``; ``maps`` itself when every image is valid.
+
+    Example::
+
+        >>> tiles = with_invalid_tiles(torch.zeros(1, 3, 4, 4), torch.tensor([False, True]))
+        >>> tiles[0, :, 0, 0].tolist(), tiles[0, :, 0, 1].tolist(), tiles[1].sum().item()
+        ([0.8627451062202454, 0.1568627506494522, 0.1568627506494522], [0.5, 0.5, 0.5], 0.0)
+    """
+    valid = valid.to(device=maps.device, dtype=torch.bool)
+    if bool(valid.all()):
+        return maps
+    n, (_, h, w) = valid.shape[0], maps.shape[1:]
+    tiles = torch.full((n, 3, h, w), 0.5, dtype=maps.dtype, device=maps.device)
+    tiles[valid] = maps
+    rows = torch.arange(h, device=maps.device).view(-1, 1) / max(h - 1, 1)
+    cols = torch.arange(w, device=maps.device).view(1, -1) / max(w - 1, 1)
+    width = 0.5 * max(1, min(h, w) // 32) / max(min(h, w) - 1, 1)  # half the stroke, in unit coordinates
+    cross = ((rows - cols).abs() <= width) | ((rows + cols - 1).abs() <= width)
+    red = torch.tensor(MISMATCH, dtype=maps.dtype, device=maps.device).view(3, 1) / 255
+    invalid = tiles[~valid]
+    invalid[:, :, cross] = red
+    tiles[~valid] = invalid
+    return tiles
 
 
 def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pytorch_lightning as pl
 import torch
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import hook_count, tiny_cnn
@@ -93,3 +100,25 @@ def make_datamodule_class(pl):
             return loaders(self.batch_size)[1]
 
     return StripesData
+
+
+def trainer(tmp_path, callbacks, max_epochs=2, logger=True, trainer_cls=pl.Trainer, **kwargs):
+    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0) if logger is True else logger
+    options = {
+        "accelerator": "cpu",
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 1,
+    }
+    return trainer_cls(max_epochs=max_epochs, callbacks=callbacks, logger=tb, **{**options, **kwargs})
+
+
+def events(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def decode(event) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))

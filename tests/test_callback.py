@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import warnings
 from types import SimpleNamespace
 
@@ -8,12 +7,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_helpers import Stripes, loaders, make_module_class
+from lit_helpers import Stripes, decode, events, loaders, make_module_class, trainer
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_prism import PRISMMonitor, prism
 from lightning_prism.probe import Probe
@@ -21,28 +19,6 @@ from lightning_prism.render import caption_grid
 
 TinyClassifier = make_module_class(pl)
 STEPS_PER_EPOCH = 4  # 32 training images, batch 8
-
-
-def trainer(tmp_path, callbacks, max_epochs=2, logger=True, trainer_cls=pl.Trainer, **kwargs):
-    tb = TensorBoardLogger(str(tmp_path), name="tb", version=0) if logger is True else logger
-    options = {
-        "accelerator": "cpu",
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 1,
-    }
-    return trainer_cls(max_epochs=max_epochs, callbacks=callbacks, logger=tb, **{**options, **kwargs})
-
-
-def events(log_dir) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
-
-
-def decode(event) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
 
 
 def test_fit_logs_maps_every_epoch_and_the_last_equals_prism(tmp_path):

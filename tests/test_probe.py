@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from lit_helpers import Stripes
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
-from lightning_prism.probe import build_probe, select_indices, split_batch
+from lightning_prism.probe import build_probe, dataloader_indices, select_indices, split_batch
 
 
 def test_select_indices_spreads_over_classes_deterministically():
@@ -16,6 +28,65 @@ def test_select_indices_spreads_over_classes_deterministically():
     assert select_indices(len(labels), 6, lambda i: labels[i]) == chosen  # scanning gives the same
     assert select_indices(10, 4) == [0, 3, 6, 9]  # no labels: evenly spaced
     assert select_indices(3, 8) == [0, 1, 2]
+    # Candidates: only those, spread over their classes (labels indexed by dataset index).
+    assert select_indices([3, 50, 60, 99], 2, labels) == [3, 50]
+    assert select_indices([5, 7, 9, 11, 13], 3) == [5, 9, 13]
+
+
+def test_dataloader_indices_are_what_the_sampler_yields():
+    dataset = Stripes(40)
+    assert dataloader_indices(DataLoader(dataset, batch_size=8)) == list(range(40))
+    subset = [3, 7, 11, 19, 23, 31, 38]
+    loader = DataLoader(dataset, batch_size=2, sampler=SubsetRandomSampler(subset))
+    assert dataloader_indices(loader) == subset
+    # Only the batches validation runs (limit_val_batches): the first 2 of a sequential loader.
+    assert dataloader_indices(DataLoader(dataset, batch_size=4), max_batches=2) == list(range(8))
+    dropping = DataLoader(dataset, batch_sampler=BatchSampler(SequentialSampler(dataset), 16, drop_last=True))
+    assert dataloader_indices(dropping) == list(range(32))
+    # Under DDP Lightning gives each rank a DistributedSampler: the union over the ranks counts.
+    ranked = DataLoader(
+        dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=3, rank=1, shuffle=False)
+    )
+    assert dataloader_indices(ranked) == list(range(40))
+    assert dataloader_indices(ranked, max_batches=1) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from range(3)
+
+        def __len__(self) -> int:  # a length does not make it indexable
+            return 3
+
+    assert dataloader_indices(DataLoader(Stream())) is None
+    assert dataloader_indices(DataLoader(dataset, batch_size=None)) is None  # no automatic batching
+
+
+def test_enumerating_a_random_sampler_is_deterministic_and_leaves_random_state_alone():
+    dataset = Stripes(40)
+    generator = torch.Generator().manual_seed(5)
+    loader = DataLoader(
+        dataset, batch_size=4, sampler=RandomSampler(dataset, num_samples=12, generator=generator)
+    )
+    states = (
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+        generator.get_state(),
+    )
+    first = dataloader_indices(loader)
+    assert len(first) <= 12 and first == sorted(first)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2]) and torch.equal(
+        generator.get_state(), states[3]
+    )
+    torch.manual_seed(123)  # another global seed: the same indices
+    assert dataloader_indices(loader) == first
+    # Without a generator of its own the sampler draws from the global generator, seeded inside.
+    unseeded = DataLoader(dataset, batch_size=4, sampler=RandomSampler(dataset, num_samples=12))
+    torch.manual_seed(1)
+    once = dataloader_indices(unseeded)
+    torch.manual_seed(2)
+    assert dataloader_indices(unseeded) == once
 
 
 def test_split_batch_finds_images_and_labels():
@@ -47,6 +118,12 @@ def test_build_probe_from_dataset_subset_and_iterable():
         IndexError, match=r"probe indices \[20\] are out of range for a validation dataset of 20"
     ):
         build_probe(DataLoader(dataset), 2, indices=[1, 20])
+    sampled = DataLoader(dataset, batch_size=2, sampler=SubsetRandomSampler([4, 6, 8, 9]))
+    assert build_probe(sampled, 3).indices == [4, 6, 9]  # both classes, only yielded samples
+    with pytest.raises(
+        IndexError, match=r"probe indices \[3\] are samples that the validation dataloader never yields"
+    ):
+        build_probe(sampled, 2, indices=[4, 3])
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -54,6 +131,27 @@ def test_build_probe_from_dataset_subset_and_iterable():
 
     streamed = build_probe(DataLoader(Stream(), batch_size=3), 5)
     assert streamed.indices is None and torch.equal(streamed.images, dataset.images[:5])
+    assert streamed.labels.tolist() == dataset.targets[:5].tolist()
+
+    class SizedStream(Stream):  # an IterableDataset with __len__ is still read as a stream
+        def __len__(self) -> int:
+            return len(dataset)
+
+    sized = build_probe(DataLoader(SizedStream(), batch_size=2), 3)
+    assert sized.indices is None and torch.equal(sized.images, dataset.images[:3])
+
+
+def test_build_probe_puts_every_batch_through_process():
+    dataset = Stripes(20, seed=3)
+    seen = []
+
+    def process(batch):
+        seen.append(len(batch[0]))
+        return {"pixel_values": batch[0] * 2 - 1, "labels": batch[1]}
+
+    probe = build_probe(DataLoader(dataset, batch_size=4), 4, process=process)
+    assert seen == [4] and torch.equal(probe.images, dataset.images[probe.indices] * 2 - 1)
+    assert probe.labels.tolist() == dataset.targets[probe.indices].tolist()
     with pytest.raises(TypeError, match="probe images must be a floating"):
         build_probe(DataLoader(TensorDataset(torch.zeros(4, 3, 2, 2, dtype=torch.uint8))), 2)
 
