@@ -251,6 +251,7 @@ class PRISMMonitorBase:
     def _new_run(self) -> None:
         """Forget everything a previous ``fit`` chose: probe, basis, strip, what was logged."""
         self._probe: Probe | None = None
+        self._ran = False  # whether a validation epoch of this run reached the monitor
         self._probe_indices: list[int] | None = self.indices
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
@@ -342,6 +343,7 @@ class PRISMMonitorBase:
         fitting = trainer.state.fn == "fit"
         if fitting and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
+        self._ran = True
         try:
             self._run(trainer, pl_module)
         except Exception as error:
@@ -354,6 +356,13 @@ class PRISMMonitorBase:
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._ran and not trainer.interrupted:
+            self._warn_once(
+                "never-ran",
+                "PRISMMonitor logged no maps in this fit: no validation epoch ended where it runs (is there "
+                f"a val_dataloader, limit_val_batches > 0, and every_n_epochs={self.every_n_epochs} <= the "
+                "number of validation epochs?).",
+            )
         if not (self.evolution_strip and trainer.is_global_zero and self._strip_rows):
             return
         assert self._strip_inputs is not None

@@ -16,7 +16,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from lit_helpers import loaders, make_module_class
+from lit_helpers import Stripes, loaders, make_module_class
+from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from lightning_prism import PRISMMonitor
 
@@ -31,11 +32,17 @@ class Record(pl.Callback):
             json.dump({"indices": probe.indices, "images_sum": float(probe.images.sum())}, f)
 
 
+#: Validation draws these samples of a shared dataset through its sampler (Lightning wraps it in a
+#: DistributedSamplerWrapper, so each rank sees part of them).
+VALIDATION = [1, 4, 6, 9, 12, 15, 19, 22, 23, 28]
+
+
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
     monitor = PRISMMonitor(num_images=4)
-    train, val = loaders()
+    train, _ = loaders()
+    val = DataLoader(Stripes(32, seed=2), batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",

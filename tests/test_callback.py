@@ -83,29 +83,6 @@ def test_probe_from_the_chosen_validation_loader(tmp_path):
     assert monitor._probe.labels.tolist() == second.dataset.targets[[1, 4, 9]].tolist()
 
 
-def test_resume_keeps_the_probe_and_the_basis(tmp_path):
-    torch.manual_seed(0)
-    train, val = loaders()
-    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    first = PRISMMonitor(num_images=5)
-    t = pl.Trainer(
-        max_epochs=1,
-        callbacks=[first, checkpoint],
-        logger=TensorBoardLogger(str(tmp_path)),
-        enable_progress_bar=False,
-    )
-    t.fit(TinyClassifier(), train, val)
-    saved = first.state_dict()
-
-    resumed = PRISMMonitor(num_images=3)  # a different default size: the checkpoint's probe wins
-    t2 = pl.Trainer(
-        max_epochs=2, callbacks=[resumed], logger=TensorBoardLogger(str(tmp_path)), enable_progress_bar=False
-    )
-    t2.fit(TinyClassifier(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert resumed.state_dict()["probe_indices"] == saved["probe_indices"]
-    assert resumed._probe.images.shape[0] == 5
-
-
 def test_resume_keeps_the_colours(tmp_path):
     # basis="fixed": every epoch is projected onto the first logged epoch's axes, which training
     # has since moved away from; after a resume the colours must still come from those axes.
@@ -235,6 +212,19 @@ def test_logger_without_images_gets_one_warning(tmp_path):
         ({"overlay_alpha": 2}, r"overlay_alpha must be in \[0, 1\], got 2"),
         ({"image_key": 1.0}, r"image_key must be None \(find it\), an int position or a str key, got 1.0"),
         ({"stage_layers": "layer1"}, r"stage_layers must be a list of module names, got the string 'layer1'"),
+        (
+            {"dataloader_idx": -1},
+            r"dataloader_idx must be an integer >= 0 \(position\) or a dict key, got -1",
+        ),
+        (
+            {"dataloader_idx": ""},
+            r"dataloader_idx must be an integer >= 0 \(position\) or a dict key, got ''",
+        ),
+        ({"module": ""}, r"module must be None \(the LightningModule\) or the dotted name of a submodule"),
+        (
+            {"module": 3},
+            r"module must be None \(the LightningModule\) or the dotted name of a submodule, got 3",
+        ),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, message):
@@ -247,7 +237,12 @@ def test_state_key_distinguishes_monitors():
     assert PRISMMonitor().state_key == PRISMMonitor().state_key
     monitor = PRISMMonitor()
     monitor.load_state_dict({})  # keys added by newer versions default sensibly
-    assert monitor.state_dict() == {"probe_indices": None, "reference": None, "first": None}
+    assert monitor.state_dict() == {
+        "probe_indices": None,
+        "probe_options": {"num_images": 8, "indices": None, "dataloader_idx": 0},
+        "reference": None,
+        "first": None,
+    }
 
 
 def test_works_with_the_lightning_package_trainer(tmp_path):
@@ -334,3 +329,8 @@ def test_captions_name_classes_from_the_dataset_unless_given():
     assert captions == ["v → v", "h → v"]
     captions, _ = PRISMMonitor()._captions(Probe(probe.images, probe.labels, [0, 1]), result)
     assert captions == ["0 → 0", "1 → 0"]
+    # Hugging Face outputs carry `logits`; tuples lead with them.
+    logits = result.output
+    for output in ({"logits": logits, "loss": None}, SimpleNamespace(logits=logits), (logits, None)):
+        captions, _ = PRISMMonitor()._captions(probe, SimpleNamespace(output=output))
+        assert captions == ["vertical → vertical", "horizontal → vertical"]

@@ -160,6 +160,14 @@ def test_logger_false_is_an_error_only_where_the_monitor_logs(tmp_path):
             run()
 
 
+@pytest.mark.parametrize("options", [{"limit_val_batches": 0}, {"check_val_every_n_epoch": 3}])
+def test_a_fit_without_validation_epochs_says_that_no_maps_were_logged(tmp_path, options):
+    train, val = loaders()
+    t = trainer(tmp_path, [PRISMMonitor()], max_epochs=2, **options)
+    (message,) = caught_warnings(lambda: t.fit(TinyClassifier(), train, val))
+    assert message.startswith("PRISMMonitor logged no maps in this fit: no validation epoch ended")
+
+
 def test_fast_dev_run_writes_no_file_into_the_working_directory(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ddp_script import VALIDATION
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
@@ -16,7 +17,8 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]  # every rank built the same probe
+    assert ranks[0] == ranks[1]  # every rank has the same probe
+    assert set(ranks[0]["indices"]) <= set(VALIDATION) and len(ranks[0]["indices"]) == 4
     event_files = list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
     assert len(event_files) == 1  # only global rank zero writes
     acc = EventAccumulator(str(event_files[0].parent), size_guidance={"images": 0})
