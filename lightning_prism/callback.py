@@ -244,12 +244,12 @@ class PRISMMonitorBase:
         self.evolution_strip = evolution_strip
         self.strict = strict
 
-        self._warned: set[str] = set()
         self.evolution_path: str | None = None  # where on_fit_end wrote the evolution strip
         self._new_run()
 
     def _new_run(self) -> None:
-        """Forget everything a previous ``fit`` chose: probe, basis, strip, what was logged."""
+        """Forget everything a previous ``fit`` chose: probe, basis, strip, what was logged and warned."""
+        self._warned: set[str] = set()
         self._probe: Probe | None = None
         self._ran = False  # whether a validation epoch of this run reached the monitor
         self._probe_indices: list[int] | None = self.indices
@@ -418,18 +418,22 @@ class PRISMMonitorBase:
             batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=index)
             return trainer.strategy.batch_to_device(batch, dataloader_idx=index)
 
+        limit = trainer.num_val_batches[index] if index < len(trainer.num_val_batches) else None
+
         def build() -> Probe:
-            options = (self.num_images, self.image_key, self.label_key)
-            limit = trainer.num_val_batches[index] if index < len(trainer.num_val_batches) else None
-            try:
+            def from_indices(indices: list[int] | None) -> Probe:
                 return build_probe(
                     loader,
-                    options[0],
-                    self._probe_indices,
-                    *options[1:],
+                    self.num_images,
+                    indices,
+                    self.image_key,
+                    self.label_key,
                     process=as_validation_batch,
                     max_batches=limit,
                 )
+
+            try:
+                return from_indices(self._probe_indices)
             except IndexError:
                 if self._probe_indices is None or self.indices is not None:
                     raise
@@ -439,7 +443,7 @@ class PRISMMonitorBase:
                     f"PRISMMonitor: the checkpoint's probe indices {self._probe_indices} are not samples of this "
                     "run's validation dataloader; a new probe is chosen from it.",
                 )
-                return build_probe(loader, *options, process=as_validation_batch, max_batches=limit)
+                return from_indices(None)
 
         if trainer.world_size > 1:
             # One probe for every rank: rank zero builds it (a transform with randomness, or a
@@ -484,14 +488,15 @@ class PRISMMonitorBase:
     def _prism(
         self, target: nn.Module, images: Tensor, trainer: pl.Trainer, reference: Tensor | None
     ) -> PRISMResult:
-        strip = 0 if self.module is None else len(self.module) + 1
+        # Layer names are relative to the LightningModule; prism() takes them relative to `target`.
+        cut = 0 if self.module is None else len(self.module) + 1
         with trainer.precision_plugin.forward_context():
             return prism(
                 target,
                 images,
                 extrapolate=self.extrapolate,
-                final_layer=None if self.final_layer is None else self.final_layer[strip:],
-                stage_layers=None if self.stage_layers is None else [s[strip:] for s in self.stage_layers],
+                final_layer=None if self.final_layer is None else self.final_layer[cut:],
+                stage_layers=None if self.stage_layers is None else [s[cut:] for s in self.stage_layers],
                 basis=self.basis,  # type: ignore[arg-type]
                 reference=reference,
                 # Lightning's choice for this loop: never during fit (inference tensors could reach

@@ -61,6 +61,14 @@ def test_a_monitor_reused_for_another_fit_starts_afresh(tmp_path):
     assert strip.size[1] == (1 + 3) * 98 + 2  # inputs + fold 2's three epochs only
 
 
+def test_each_fit_of_a_reused_monitor_warns_afresh(tmp_path):
+    monitor, (train, val) = PRISMMonitor(final_layer="model.9"), loaders()  # a 2-D output: fails
+    for fold in ("1", "2"):
+        t = trainer(tmp_path / fold, [monitor], max_epochs=2)
+        (message,) = caught_warnings(lambda t=t: t.fit(TinyClassifier(), train, val))
+        assert message.startswith("PRISMMonitor skipped epoch 0: ValueError: final_layer 'model.9'")
+
+
 def test_a_restored_basis_that_does_not_fit_is_replaced_with_one_warning(tmp_path):
     torch.manual_seed(0)
     train, val = loaders()
