@@ -28,13 +28,32 @@ class Record(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         probe = self.monitor._probe
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"indices": probe.indices, "images_sum": float(probe.images.sum())}, f)
+            metrics = {
+                k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("prism")
+            }
+            json.dump(
+                {
+                    "indices": probe.indices,
+                    "images_sum": float(probe.images.sum()),
+                    "callback_metrics": metrics,
+                },
+                f,
+            )
+
+
+class FailsOnceOnRankOne(PRISMMonitor):
+    """The PRISM pass fails on rank 1 in the first epoch, as an out-of-memory error on one GPU would."""
+
+    def _run(self, trainer, pl_module):
+        if trainer.global_rank == 1 and trainer.current_epoch == 0:
+            raise RuntimeError("out of memory on rank 1")
+        return super()._run(trainer, pl_module)
 
 
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
-    monitor = PRISMMonitor(num_images=4)
+    monitor = FailsOnceOnRankOne(num_images=4)
     train, val = loaders()
     trainer = pl.Trainer(
         max_epochs=2,
