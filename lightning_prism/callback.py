@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from .engine import BASES, PRISMResult, prism
-from .loggers import TAKES_PICTURES, Picture, log_pictures, save_file
+from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
 from .recording import resolve_module
@@ -441,19 +441,22 @@ class PRISMMonitorBase:
         inputs = denormalize(probe.images, self.mean, self.std)
         blended = overlay(inputs, result.maps, self.overlay_alpha)
         if self.evolution_strip and trainer.state.fn == "fit":
-            self._evolution.add(f"epoch {trainer.current_epoch}", to_uint8(blended), to_uint8(inputs))
+            probe_row = None if self._evolution.has_inputs else to_uint8(inputs)
+            self._evolution.add(f"epoch {trainer.current_epoch}", to_uint8(blended), probe_row)
 
         captions, wrong = self._captions(probe, result)
         truths = self._label_captions(probe)
         self._check_glyphs([*(captions or []), *(truths or [])])
 
+        separate = any(backend(logger) == "wandb" for logger in trainer.loggers)
+
         def picture(tiles: Tensor, texts: list[str] | None, marks: list[bool] | None = None) -> Picture:
-            notes = None
-            if texts is not None:  # W&B shows these as text under each image: mark wrong ones there too
-                notes = [f"{t} ✗" if marks and marks[i] else t for i, t in enumerate(texts)]
-            return Picture(
-                caption_grid(tiles, texts, marks, font=self.font), to_uint8(display_tiles(tiles)), notes
-            )
+            grid = caption_grid(tiles, texts, marks, font=self.font)
+            if not separate or texts is None:
+                return Picture(grid)
+            # W&B shows each image with its caption as text: a wrong prediction is marked there too.
+            notes = [f"{t} ✗" if marks and marks[i] else t for i, t in enumerate(texts)]
+            return Picture(grid, to_uint8(display_tiles(tiles)), notes)
 
         pictures = {
             f"{self.prefix}/maps": picture(result.maps, captions, wrong),

@@ -355,6 +355,11 @@ class EvolutionHistory:
         return len(self._rows)
 
     @property
+    def has_inputs(self) -> bool:
+        """Whether the top row (the probe images) is there."""
+        return self._inputs is not None
+
+    @property
     def labels(self) -> list[str]:
         return [label for _, label, _ in self._rows]
 

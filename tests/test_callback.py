@@ -374,14 +374,14 @@ def test_the_strip_covers_the_whole_run_after_a_resume(tmp_path):
 def test_a_long_run_has_a_bounded_strip_and_a_small_checkpoint(tmp_path):
     train, val = loaders()
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    monitor = PRISMMonitor(num_images=4, evolution_rows=4)
-    t = trainer(tmp_path, [monitor, checkpoint], max_epochs=12, enable_checkpointing=True)
+    monitor = PRISMMonitor(num_images=4, evolution_rows=3)
+    t = trainer(tmp_path, [monitor, checkpoint], max_epochs=7, enable_checkpointing=True)
     t.fit(TinyClassifier(), train, val)
-    assert monitor._evolution.labels == ["epoch 0", "epoch 4", "epoch 8", "epoch 11"]
-    assert Image.open(monitor.evolution_path).size[1] == 5 * 98 + 2
+    assert monitor._evolution.labels == ["epoch 0", "epoch 4", "epoch 6"]
+    assert Image.open(monitor.evolution_path).size[1] == 4 * 98 + 2
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][monitor.state_key]
-    assert len(saved["evolution"]["rows"]) == 4
-    # Four rows and the inputs, four 96-pixel JPEG thumbnails each: less than one row would take raw.
+    assert len(saved["evolution"]["rows"]) == 3
+    # Three rows and the inputs, four 96-pixel JPEG thumbnails each: less than one row would take raw.
     assert len(pickle.dumps(saved)) < 4 * 96 * 96 * 3
 
 
@@ -579,3 +579,20 @@ def test_captions_in_another_script_warn_once_and_take_a_font(tmp_path):
     assert grids[0].shape == grids[1].shape and (grids[0] != grids[1]).any()
     h = 96  # 32-pixel tiles, enlarged three times: the tiles agree, the captions differ
     np.testing.assert_array_equal(grids[0][2 : 2 + h], grids[1][2 : 2 + h])
+
+
+def test_every_n_epochs_scalars_drive_a_checkpoint_on_the_same_schedule(tmp_path):
+    # The scalars exist only in the epochs the monitor runs: a ModelCheckpoint on them runs then too.
+    train, val = loaders()
+    checkpoint = ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), monitor="prism/class_separation", mode="max", every_n_epochs=2
+    )
+    t = trainer(
+        tmp_path,
+        [PRISMMonitor(num_images=6, every_n_epochs=2), checkpoint],
+        max_epochs=4,
+        enable_checkpointing=True,
+    )
+    t.fit(TinyClassifier(), train, val)
+    separation = [e.value for e in events(t.logger.log_dir).Scalars("prism/class_separation")]
+    assert len(separation) == 2 and float(checkpoint.best_model_score) == pytest.approx(max(separation))

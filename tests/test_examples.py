@@ -90,11 +90,13 @@ def test_train_from_freezes_what_comes_before_it():
     assert trainable[0].startswith("model._blocks.11.") and trainable[-1].startswith("model._fc.")
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     assert frozen[0].startswith("model._conv_stem") and frozen[-1].startswith("model._blocks.10.")
-    # The frozen part stays in eval mode (its batch norms keep their statistics) through train().
-    model.train()
-    modes = {name: m.training for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert not modes["model._bn0"] and not modes["model._blocks.10._bn2"]
-    assert modes["model._blocks.11._bn0"] and modes["model._bn1"]
+    # Batch norms keep their statistics (eval mode), from the start (Lightning does not call
+    # train()) and through train(); the frozen convolutions too, the trained ones train.
+    for _ in range(2):
+        modes = {name: m.training for name, m in model.named_modules()}
+        assert not modes["model._bn0"] and not modes["model._blocks.11._bn0"] and not modes["model._bn1"]
+        assert not modes["model._conv_stem"] and modes["model._blocks.11._expand_conv"] and modes["model._fc"]
+        model.train()
     with pytest.raises(ValueError, match=r"train_from 'model.layer4' is not a module of the model"):
         finetune.Classifier(train_from="model.layer4")
 
