@@ -1,7 +1,7 @@
 """How PRISMMonitor's pictures and files reach each Lightning logger.
 
-* TensorBoard (``TensorBoardLogger``, or any logger whose ``experiment`` has ``add_image``):
-  ``SummaryWriter.add_image`` of the captioned grid.
+* TensorBoard (``TensorBoardLogger``, or another logger without ``log_image`` whose ``experiment``
+  has ``add_image``): ``SummaryWriter.add_image`` of the captioned grid.
 * Weights & Biases (``WandbLogger``): ``log_image`` with one image per probe image and its caption
   as text (W&B shows them as a gallery with the captions underneath).
 * MLflow (``MLFlowLogger``): ``MlflowClient.log_image(run_id, image, key=..., step=...)``, which the
