@@ -70,7 +70,7 @@ class TimedMonitor(PRISMMonitor):
     seconds = 0.0
     peak_bytes = 0
 
-    def _run(self, trainer, pl_module):
+    def _run(self, trainer, pl_module, probe):
         cuda = pl_module.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -80,13 +80,14 @@ class TimedMonitor(PRISMMonitor):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the resident-set high-water mark
             before = resident_bytes()
-        super()._run(trainer, pl_module)
+        scalars = super()._run(trainer, pl_module, probe)
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
             peak = peak_resident_bytes()
         self.peak_bytes = max(self.peak_bytes, peak - before)
+        return scalars
 
     def _timed(self, hook, *args, **kwargs):
         start = time.perf_counter()

@@ -9,12 +9,12 @@ package runs it; :class:`PRISMMonitor` is the ``pytorch_lightning`` callback and
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
+import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -23,11 +23,21 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .engine import BASES, BasisMismatchError, PRISMResult, prism
+from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
 from .recording import resolve_module
-from .render import caption_grid, denormalize, overlay, to_uint8, with_invalid_tiles
-from .render import evolution_strip as render_evolution_strip
+from .render import (
+    EvolutionHistory,
+    caption_grid,
+    denormalize,
+    display_tiles,
+    load_font,
+    missing_glyphs,
+    overlay,
+    to_uint8,
+    with_invalid_tiles,
+)
 from .separation import class_separation
 
 __all__ = ["PRISMMonitor", "PRISMMonitorBase"]
@@ -36,6 +46,24 @@ __all__ = ["PRISMMonitor", "PRISMMonitorBase"]
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+#: The scalars ``_run`` may compute, under ``<prefix>/``.
+SCALARS = (
+    "explained_variance/pc1",
+    "explained_variance/pc2",
+    "explained_variance/pc3",
+    "similarity/previous",
+    "similarity/first",
+    "class_separation",
+)
+#: A tag prefix: ``/``-separated words of letters, digits, ``_`` and ``-`` (a valid key everywhere).
+PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logger connector gives the metrics logged at the end of this epoch."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def _check_key(name: str, value: Any) -> None:
@@ -89,23 +117,29 @@ class PRISMMonitorBase:
     ``trainer.validate()``) the monitor runs :func:`~lightning_prism.prism` on the probe with the
     LightningModule itself (or its submodule ``module``), in eval mode under the trainer's precision
     and the grad mode Lightning chose for the loop (``torch.no_grad()`` during ``fit``, inference
-    mode in ``validate()`` unless the trainer avoids it), and logs to every logger:
+    mode in ``validate()`` unless the trainer avoids it), and logs:
 
-    * ``<prefix>/maps`` and ``<prefix>/overlay``: grids with each image's true label and the
-      model's prediction underneath (a wrong prediction in red);
-    * ``<prefix>/inputs``: the de-normalised probe (once per run and logger);
-    * scalars ``<prefix>/explained_variance/pc1``..``pc3`` (the share of the probe's variance
-      along the red, green and blue axes, :attr:`~lightning_prism.PRISMResult.colour_variance`),
-      ``<prefix>/similarity/previous`` and
+    * scalars, through ``pl_module.log`` (so they are in ``trainer.callback_metrics``, can be
+      monitored by ``ModelCheckpoint`` and ``EarlyStopping``, and every logger records them at the
+      step of the epoch's validation metrics): ``<prefix>/explained_variance/pc1``..``pc3`` (the
+      share of the probe's variance along the red, green and blue axes,
+      :attr:`~lightning_prism.PRISMResult.colour_variance`), ``<prefix>/similarity/previous`` and
       ``<prefix>/similarity/first`` (mean cosine of the principal angles between this epoch's
       top-three subspace and the previous/first logged epoch's) and, with labels,
-      ``<prefix>/class_separation``;
-    * at the end of ``fit``, ``<prefix>_evolution.png`` in the logger's directory: one row of
-      maps per logged epoch.
+      ``<prefix>/class_separation``; the values are the same on every rank;
+    * pictures, at that same step and under the same tag every epoch (so a slider scrubs through
+      the epochs), to every logger that takes them (:mod:`lightning_prism.loggers`: TensorBoard,
+      W&B, MLflow): ``<prefix>/maps`` and ``<prefix>/overlay``, grids with each image's true label
+      and the model's prediction underneath (a wrong prediction in red), and ``<prefix>/inputs``,
+      the de-normalised probe (once per run and logger). Any other logger gets one warning;
+    * at the end of ``fit``, ``<prefix>_evolution.png``, stored with every logger's run that keeps
+      files (TensorBoard's and CSV's log directory, W&B run files, MLflow artifacts; never the
+      working directory): the probe, then one row of overlays per logged epoch, at most
+      ``evolution_rows`` rows spread evenly over the whole run (also across a resume: the rows are
+      saved in checkpoints).
 
-    Images go to TensorBoard's ``add_image`` (step = ``trainer.global_step``, same tag every epoch
-    so the slider scrubs through epochs) or to a logger's ``log_image``. Outside its own forward
-    pass the model carries no hook of the monitor, and the global random state is left as found. A
+    Outside its own forward pass the model carries no hook of the monitor, and the global random
+    state is left as found. A
     failure at run time is one warning per cause and training goes on, unless ``strict=True``. A
     probe image with NaN or infinite values is named in a warning and shown as an invalid tile; the
     other images still get their maps. A monitor reused for another ``fit`` starts afresh (new
@@ -140,7 +174,11 @@ class PRISMMonitorBase:
         class_names: names for the label indices in captions; by default the validation
             dataset's ``classes`` (torchvision datasets such as ``ImageFolder``), else the indices.
         overlay_alpha: weight of the map in the overlay, in ``[0, 1]``.
-        evolution_strip: write the evolution PNG at the end of ``fit``.
+        evolution_strip: store the evolution PNG with the loggers' runs at the end of ``fit``.
+        evolution_rows: most epoch rows in the evolution strip (at least 2; the first and last
+            logged epochs are always shown).
+        font: path of a TrueType/OpenType font for captions and labels, for class names in a
+            script the bundled DejaVu Sans Bold lacks (such as Chinese); ``None`` for the bundled font.
         strict: raise instead of warning when PRISM fails at run time.
 
     Raises:
@@ -184,6 +222,8 @@ class PRISMMonitorBase:
         class_names: list[str] | None = None,
         overlay_alpha: float = 0.5,
         evolution_strip: bool = True,
+        evolution_rows: int = 10,
+        font: str | None = None,
         strict: bool = False,
     ) -> None:
         _check_int("num_images", num_images, 1)
@@ -219,10 +259,21 @@ class PRISMMonitorBase:
                 )
             if any(s <= 0 for s in std):
                 raise ValueError(f"std must be positive, got {std}")
-        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
-            raise ValueError(f"prefix must be a non-empty tag such as 'prism', got {prefix!r}")
+        if not isinstance(prefix, str) or not PREFIX.fullmatch(prefix):
+            raise ValueError(
+                f"prefix must be a non-empty tag such as 'prism' or 'monitor/prism' (letters, digits, '_' "
+                f"and '-', parts separated by '/'), got {prefix!r}"
+            )
         if not 0 <= overlay_alpha <= 1:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+        _check_int("evolution_rows", evolution_rows, 2)
+        if font is not None:
+            try:
+                load_font(12, font)
+            except OSError as error:
+                raise ValueError(
+                    f"font must be a TrueType/OpenType font file, got {font!r}: {error}"
+                ) from None
         if isinstance(stage_layers, str):
             raise ValueError(f"stage_layers must be a list of module names, got the string {stage_layers!r}")
         self.num_images = len(indices) if indices is not None else num_images
@@ -242,10 +293,17 @@ class PRISMMonitorBase:
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.overlay_alpha = float(overlay_alpha)
         self.evolution_strip = evolution_strip
+        self.evolution_rows = evolution_rows
+        self.font = font
         self.strict = strict
 
-        self.evolution_path: str | None = None  # where on_fit_end wrote the evolution strip
+        self._evolution = EvolutionHistory(evolution_rows)
         self._new_run()
+
+    @property
+    def evolution_path(self) -> str | None:
+        """The first place the evolution strip was stored at the end of ``fit``, or ``None``."""
+        return self.evolution_paths[0] if self.evolution_paths else None
 
     def _new_run(self) -> None:
         """Forget everything a previous ``fit`` chose: probe, basis, strip, what was logged and warned."""
@@ -256,9 +314,9 @@ class PRISMMonitorBase:
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
         self._inputs_logged_to: weakref.WeakSet[Any] = weakref.WeakSet()  # loggers that got `inputs`
-        self._strip_rows: list[np.ndarray] = []
-        self._strip_labels: list[str] = []
-        self._strip_inputs: np.ndarray | None = None
+        self._evolution.reset()
+        #: Where ``on_fit_end`` stored the evolution strip: local paths, or MLflow artifact URIs.
+        self.evolution_paths: list[str] = []
 
     # ------------------------------------------------------------------ state
     @property
@@ -279,6 +337,7 @@ class PRISMMonitorBase:
             "probe_options": self._probe_options(),
             "reference": plain(self._reference),
             "first": plain(self._first),
+            "evolution": self._evolution.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -287,6 +346,7 @@ class PRISMMonitorBase:
 
         self._probe = None
         self._probe_indices = self.indices
+        self._evolution.load_state_dict(state_dict.get("evolution", {}))
         saved = state_dict.get("probe_indices")
         if saved is not None:
             # Older checkpoints did not save the options: what the saved probe itself shows.
@@ -309,6 +369,7 @@ class PRISMMonitorBase:
                     "those options. The colour basis carries on from the checkpoint; the evolution strip and the "
                     "`inputs` image start again with the new probe.",
                 )
+                self._evolution.reset()
         self._reference = tensor(state_dict.get("reference"))
         self._first = tensor(state_dict.get("first"))
 
@@ -344,8 +405,11 @@ class PRISMMonitorBase:
         if fitting and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         self._ran = True
+        scalars = None
         try:
-            self._run(trainer, pl_module)
+            # Under DDP the probe is built once and broadcast from rank zero: every rank gets here.
+            probe = self._get_probe(trainer, pl_module)
+            scalars = self._run(trainer, pl_module, probe)
         except Exception as error:
             if self.strict:
                 raise
@@ -354,6 +418,7 @@ class PRISMMonitorBase:
                 f"PRISMMonitor skipped epoch {trainer.current_epoch}: {type(error).__name__}: {error}. "
                 "Training goes on; pass strict=True to raise instead.",
             )
+        self._log_scalars(trainer, pl_module, scalars)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._ran and not trainer.interrupted:
@@ -363,18 +428,27 @@ class PRISMMonitorBase:
                 f"a val_dataloader, limit_val_batches > 0, and every_n_epochs={self.every_n_epochs} <= the "
                 "number of validation epochs?).",
             )
-        if not (self.evolution_strip and trainer.is_global_zero and self._strip_rows):
+        if not (self.evolution_strip and trainer.is_global_zero):
             return
-        assert self._strip_inputs is not None
-        directory = next(
-            (logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)), None
-        )
-        if directory is None:  # no logger stores files (fast_dev_run's DummyLogger): nothing to write
+        strip = self._evolution.render(self.font)
+        if strip is None:
             return
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"{self.prefix.replace('/', '_')}_evolution.png")
-        render_evolution_strip(self._strip_inputs, self._strip_rows, self._strip_labels).save(path)
-        self.evolution_path = path
+        buffer = io.BytesIO()
+        strip.save(buffer, format="PNG")
+        name = f"{self.prefix.replace('/', '_')}_evolution.png"
+        paths: list[str] = []
+        for logger in trainer.loggers:
+            path = save_file(logger, name, buffer.getvalue())
+            if path is not None and path not in paths:
+                paths.append(path)
+        self.evolution_paths = paths
+        if not paths:
+            names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
+            self._warn_once(
+                "evolution:nowhere",
+                f"PRISMMonitor did not save {name}: none of the loggers ({names}) stores files. "
+                "TensorBoardLogger, CSVLogger, WandbLogger and MLFlowLogger do.",
+            )
 
     # ------------------------------------------------------------------ the probe
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -504,8 +578,8 @@ class PRISMMonitorBase:
                 inference_mode=torch.is_inference_mode_enabled(),
             )
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        probe = self._get_probe(trainer, pl_module)
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
+        """One PRISM pass on the probe; pictures logged from rank zero; the scalars returned."""
         target = self._target(pl_module)
         finite = probe.finite
         images = probe.images if bool(finite.all()) else probe.images[finite]
@@ -554,7 +628,8 @@ class PRISMMonitorBase:
             self._first = components.float().cpu()
         self._reference = components.float().cpu()
         if trainer.is_global_zero:
-            self._log(trainer, probe, result, scalars)
+            self._log(trainer, probe, result)
+        return scalars
 
     def _captions(self, probe: Probe, result: PRISMResult) -> tuple[list[str] | None, list[bool] | None]:
         """One caption per probe image (``true → predicted``) and whether to mark it (wrong, or an
@@ -586,40 +661,87 @@ class PRISMMonitorBase:
                 marked.append(labels is not None and labels[i] != predictions[i])
         return captions, marked
 
-    def _log(self, trainer: pl.Trainer, probe: Probe, result: PRISMResult, scalars: dict[str, float]) -> None:
-        step = trainer.global_step
+    def _log_scalars(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, float] | None
+    ) -> None:
+        """Log the scalars through Lightning, on every rank (so callbacks can monitor them on every rank).
+
+        The values are the same on every rank. They are still reduced across ranks (``sync_dist``),
+        as Lightning expects of epoch-level metrics, and a reduction needs every rank to take part:
+        so only the names that every rank has are logged (after a PRISM pass failed on some rank, or
+        left it with another history, the others log less rather than wait for it forever).
+        """
+        names = [f"{self.prefix}/{name}" for name in SCALARS]
+        present = torch.tensor(
+            [float(scalars is not None and n in scalars) for n in names], device=pl_module.device
+        )
+        everywhere = trainer.strategy.reduce(present, reduce_op="sum").tolist()
+        for name, count in zip(names, everywhere, strict=True):
+            if scalars is not None and count == trainer.world_size:
+                pl_module.log(
+                    name, scalars[name], on_step=False, on_epoch=True, prog_bar=False, logger=True,
+                    add_dataloader_idx=False, batch_size=1, sync_dist=True,
+                )  # fmt: skip
+
+    def _log(self, trainer: pl.Trainer, probe: Probe, result: PRISMResult) -> None:
+        """Pictures to every logger, and the strip's row (global rank zero only)."""
         inputs = denormalize(probe.images, self.mean, self.std)
         maps = with_invalid_tiles(result.maps, probe.finite)
         blended = overlay(inputs, maps, self.overlay_alpha)
-        captions, wrong = self._captions(probe, result)
-        images = {
-            f"{self.prefix}/maps": caption_grid(maps, captions, wrong),
-            f"{self.prefix}/overlay": caption_grid(blended, captions, wrong),
-        }
-        if self._strip_inputs is None:
-            self._strip_inputs = to_uint8(inputs)
-        self._strip_rows.append(to_uint8(blended))
-        self._strip_labels.append(f"epoch {trainer.current_epoch}")
+        if self.evolution_strip and trainer.state.fn == "fit":
+            probe_row = None if self._evolution.has_inputs else to_uint8(inputs)
+            self._evolution.add(f"epoch {trainer.current_epoch}", to_uint8(blended), probe_row)
 
+        captions, wrong = self._captions(probe, result)
+        truths = self._label_captions(probe)
+        self._check_glyphs([*(captions or []), *(truths or [])])
+
+        separate = any(backend(logger) == "wandb" for logger in trainer.loggers)
+
+        def picture(tiles: Tensor, texts: list[str] | None, marks: list[bool] | None = None) -> Picture:
+            grid = caption_grid(tiles, texts, marks, font=self.font)
+            if not separate or texts is None:
+                return Picture(grid)
+            # W&B shows each image with its caption as text: a wrong prediction is marked there too.
+            notes = [f"{t} ✗" if marks and marks[i] else t for i, t in enumerate(texts)]
+            return Picture(grid, to_uint8(display_tiles(tiles)), notes)
+
+        pictures = {
+            f"{self.prefix}/maps": picture(maps, captions, wrong),
+            f"{self.prefix}/overlay": picture(blended, captions, wrong),
+        }
+        step = _logging_step(trainer)
+        first_time = [logger for logger in trainer.loggers if logger not in self._inputs_logged_to]
+        with_inputs = (
+            {**pictures, f"{self.prefix}/inputs": picture(inputs, truths)} if first_time else pictures
+        )
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
-            logged = dict(images)
-            if logger not in self._inputs_logged_to:
-                logged[f"{self.prefix}/inputs"] = caption_grid(inputs)
+            if log_pictures(logger, with_inputs if logger in first_time else pictures, step):
                 self._inputs_logged_to.add(logger)
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                for tag, image in logged.items():
-                    experiment.add_image(tag, image, global_step=step, dataformats="HWC")
-            elif hasattr(logger, "log_image"):
-                for tag, image in logged.items():
-                    logger.log_image(key=tag, images=[image], step=step)
             else:
                 self._warn_once(
                     f"logger:{type(logger).__name__}",
-                    f"PRISMMonitor cannot log images to {type(logger).__name__} (no `add_image` or `log_image`);"
-                    " only the scalars are logged there. Use TensorBoardLogger to see the maps.",
+                    f"PRISMMonitor cannot log images to {type(logger).__name__}; its scalars are logged there. "
+                    f"Pictures go to {TAKES_PICTURES}.",
                 )
+
+    def _label_captions(self, probe: Probe) -> list[str] | None:
+        """The true class name of each probe image (captions of the inputs), or ``None`` without labels."""
+        if probe.labels is None:
+            return None
+        names = self.class_names if self.class_names is not None else probe.class_names
+        return [
+            names[y] if names is not None and 0 <= y < len(names) else str(y) for y in probe.labels.tolist()
+        ]
+
+    def _check_glyphs(self, texts: list[str]) -> None:
+        missing = missing_glyphs("".join(texts), load_font(12, self.font))
+        if missing:
+            self._warn_once(
+                "glyphs",
+                f"PRISMMonitor's caption font has no glyph for {''.join(missing)!r}; they are drawn as '?'. "
+                "Pass font= the path of a font that has them (for example a Noto font).",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -274,7 +274,7 @@ def select_indices(
     Example::
 
         >>> select_indices([10, 11, 12, 13, 14, 15], 4, lambda i: i % 3)
-        [10, 11, 12, 13]
+        [10, 11, 12, 15]
     """
     pool = list(range(candidates)) if isinstance(candidates, int) else list(candidates)
     count = min(num_images, len(pool))

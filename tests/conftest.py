@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,3 +66,15 @@ def lite0() -> nn.Module:
 @pytest.fixture()
 def seeded() -> None:
     torch.manual_seed(0)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_tensorboard_flags() -> list[str]:
+    """The flags after ``--logdir <dir>`` in the README's ``tensorboard`` commands (which must all agree)."""
+    commands = re.findall(r"tensorboard --logdir [^`\n]+", README.read_text())
+    assert commands, "the README gives no `tensorboard --logdir ...` command"
+    flags = {tuple(shlex.split(command)[3:]) for command in commands}
+    assert len(flags) == 1, f"the README's tensorboard commands disagree: {commands}"
+    return list(flags.pop())

@@ -29,7 +29,26 @@ class Record(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         probe = self.monitor._probe
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"indices": probe.indices, "images_sum": float(probe.images.sum())}, f)
+            metrics = {
+                k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("prism")
+            }
+            json.dump(
+                {
+                    "indices": probe.indices,
+                    "images_sum": float(probe.images.sum()),
+                    "callback_metrics": metrics,
+                },
+                f,
+            )
+
+
+class FailsOnceOnRankOne(PRISMMonitor):
+    """The PRISM pass fails on rank 1 in the first epoch, as an out-of-memory error on one GPU would."""
+
+    def _run(self, trainer, pl_module, probe):
+        if trainer.global_rank == 1 and trainer.current_epoch == 0:
+            raise RuntimeError("out of memory on rank 1")
+        return super()._run(trainer, pl_module, probe)
 
 
 #: Validation draws these samples of a shared dataset through its sampler (Lightning wraps it in a
@@ -40,7 +59,7 @@ VALIDATION = [1, 4, 6, 9, 12, 15, 19, 22, 23, 28]
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
-    monitor = PRISMMonitor(num_images=4)
+    monitor = FailsOnceOnRankOne(num_images=4)
     train, _ = loaders()
     val = DataLoader(Stripes(32, seed=2), batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
     trainer = pl.Trainer(

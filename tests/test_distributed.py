@@ -21,7 +21,24 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(tmp_path):
     assert set(ranks[0]["indices"]) <= set(VALIDATION) and len(ranks[0]["indices"]) == 4
     event_files = list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
     assert len(event_files) == 1  # only global rank zero writes
-    acc = EventAccumulator(str(event_files[0].parent), size_guidance={"images": 0})
+    acc = EventAccumulator(str(event_files[0].parent), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
-    # 32 training images, batch 8, two processes: 2 steps per epoch.
-    assert [e.step for e in acc.Images("prism/maps")] == [2, 4]
+    # 32 training images, batch 8, two processes: 2 steps per epoch; pictures at the step of each
+    # epoch's validation loss.
+    steps = [e.step for e in acc.Scalars("val_loss")]
+    assert steps == [1, 3]
+    assert [e.step for e in acc.Images("prism/maps")] == steps
+    # The PRISM pass failed on rank 1 in the first epoch (ddp_script.py): no rank logged scalars
+    # then, and afterwards only those that both ranks had (rank 1 has no previous epoch to compare
+    # with); nobody waited for a reduction that never came.
+    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == steps[1:]
+    assert [e.step for e in acc.Scalars("prism/class_separation")] == steps[1:]
+    assert "prism/similarity/previous" not in acc.Tags()["scalars"]
+    # Every rank logged them, so callbacks that monitor them work on every rank.
+    assert ranks[0]["callback_metrics"] == ranks[1]["callback_metrics"]
+    assert sorted(ranks[0]["callback_metrics"]) == [
+        "prism/class_separation",
+        "prism/explained_variance/pc1",
+        "prism/explained_variance/pc2",
+        "prism/explained_variance/pc3",
+    ]

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import finetune  # examples/ is on the path (conftest.py)
 import prism_photos
 import pytest
+import torch
 import yaml
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import readme_tensorboard_flags
+from lightning_prism import prism
 
 
 def quick(tmp_path, *extra: str) -> list[str]:
@@ -18,12 +26,21 @@ def quick(tmp_path, *extra: str) -> list[str]:
     ]
 
 
-def test_finetune_example_runs_on_a_few_batches(tmp_path):
+def test_finetune_example_runs_on_a_few_batches(tmp_path, capsys):
     summary = finetune.main(quick(tmp_path, "--trainer.max_epochs", "2"))
     assert 0 <= summary["val_acc"] <= 1
     assert 0 <= summary["separation_first"] <= 1 and 0 <= summary["separation_last"] <= 1
     strip = Image.open(next(tmp_path.rglob("prism_evolution.png")))
-    assert strip.size == (64 + 20 * 98 + 2, 3 * 98 + 2)  # inputs row + 2 logged epochs, 20 probe images
+    width, height = strip.size  # inputs row + 2 logged epochs, 20 probe images after the labels
+    assert height == 3 * 98 + 2 and 20 * 98 + 2 < width < 20 * 98 + 2 + 120
+    # It prints the TensorBoard command the README gives (tests/test_tensorboard.py serves it).
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "tensorboard --logdir" in x]
+    words = shlex.split(line.split("TensorBoard:", 1)[1])
+    assert words[:2] == ["tensorboard", "--logdir"] and Path(words[2]).is_dir()
+    assert words[3:] == readme_tensorboard_flags()
+    acc = EventAccumulator(words[2])
+    acc.Reload()
+    assert "hp_metric" not in acc.Tags()["scalars"] and "prism/class_separation" in acc.Tags()["scalars"]
 
 
 def test_finetune_example_takes_an_image_folder_and_a_torchvision_model(tmp_path):
@@ -39,7 +56,8 @@ def test_finetune_example_takes_an_image_folder_and_a_torchvision_model(tmp_path
             Image.fromarray(crop).save(tmp_path / "data" / label / f"{i}.png")
     logs = tmp_path / "logs"
     data = ("--data.root", str(tmp_path / "data"), "--data.batch_size", "4")
-    summary = finetune.main(quick(logs, *data, "--model.backbone", "resnet18", "--trainer.max_epochs", "1"))
+    model = ("--model.backbone", "resnet18", "--model.train_from", "model.layer4")
+    summary = finetune.main(quick(logs, *data, *model, "--trainer.max_epochs", "1"))
     assert 0 <= summary["val_acc"] <= 1
     assert next(logs.rglob("events.out.tfevents.*")) and next(logs.rglob("prism_evolution.png"))
 
@@ -54,6 +72,33 @@ def test_finetune_example_reads_its_yaml_by_default(capsys):
     (monitor,) = config["trainer"]["callbacks"]
     assert monitor["class_path"] == "lightning_prism.PRISMMonitor"
     assert monitor["init_args"]["num_images"] == 20
+
+
+def test_the_examples_input_size_gives_lite0_a_final_map_with_structure(lite0, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--print_config"])
+    size = yaml.safe_load(capsys.readouterr().out)["data"]["size"]
+    result = prism(lite0, torch.zeros(2, 3, size, size), extrapolate=False)
+    assert tuple(result.features.shape[-2:]) >= (4, 4)
+    # At the former 64 pixels it was 2×2: each map one flat colour per quadrant.
+    assert tuple(prism(lite0, torch.zeros(2, 3, 64, 64), extrapolate=False).features.shape[-2:]) == (2, 2)
+
+
+def test_train_from_freezes_what_comes_before_it():
+    model = finetune.Classifier(train_from="model._blocks.11")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable[0].startswith("model._blocks.11.") and trainable[-1].startswith("model._fc.")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen[0].startswith("model._conv_stem") and frozen[-1].startswith("model._blocks.10.")
+    # Batch norms keep their statistics (eval mode), from the start (Lightning does not call
+    # train()) and through train(); the frozen convolutions too, the trained ones train.
+    for _ in range(2):
+        modes = {name: m.training for name, m in model.named_modules()}
+        assert not modes["model._bn0"] and not modes["model._blocks.11._bn0"] and not modes["model._bn1"]
+        assert not modes["model._conv_stem"] and modes["model._blocks.11._expand_conv"] and modes["model._fc"]
+        model.train()
+    with pytest.raises(ValueError, match=r"train_from 'model.layer4' is not a module of the model"):
+        finetune.Classifier(train_from="model.layer4")
 
 
 def test_photos_example_writes_the_png(tmp_path):
