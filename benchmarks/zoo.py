@@ -21,6 +21,7 @@ The summary counts them per reference layout (``nchw``: CNNs and hybrids with co
 outputs; ``nhwc``: channels-last models; ``tokens``: vision transformers and other token models).
 
     python benchmarks/zoo.py                         # every model up to 30 M parameters (hours)
+    python benchmarks/zoo.py --source timm --per-family 2     # the two smallest of every timm family
     python benchmarks/zoo.py --models 'vit_*' resnet18 --source timm
     python benchmarks/zoo.py --source torchvision --max-params 1e9 --jsonl tv.jsonl
 """
@@ -407,6 +408,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--jsonl", help="also write one JSON line per model here")
     parser.add_argument("--table", action="store_true", help="print the full per-model table at the end")
+    parser.add_argument(
+        "--per-family",
+        type=int,
+        default=0,
+        help="only the N smallest models (by parameters) of each family: timm module or torchvision name stem",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -416,11 +423,12 @@ def main() -> None:
         models += timm_models(args.models)
     if "torchvision" in args.source:
         models += torchvision_models(args.models)
+    listed = [(source, name, params_on_meta(source, name), _family(source, name)) for source, name in models]
+    if args.per_family:
+        listed = smallest_per_family(listed, args.per_family, args.max_params / 1e6)
     out = open(args.jsonl, "w") if args.jsonl else None  # noqa: SIM115 - written row by row
     rows: list[Row] = []
-    for source, name in models:
-        params = params_on_meta(source, name)
-        family = name.split("_")[0] if source == "torchvision" else _timm_family(name)
+    for source, name, params, family in listed:
         if params == params and params > args.max_params / 1e6:
             row = Row(
                 source, family, name, round(params, 2), note=f"over {args.max_params / 1e6:g} M parameters"
@@ -444,6 +452,23 @@ def main() -> None:
         print(table(rows))
     counts = Counter(r.status for r in rows)
     print(f"\n{dict(counts)}", file=sys.stderr)
+
+
+def smallest_per_family(
+    listed: list[tuple[str, str, float, str]], count: int, max_params: float
+) -> list[tuple[str, str, float, str]]:
+    """The ``count`` smallest models of each (source, family) within ``max_params`` millions (models
+    whose size could not be read on the meta device count as large), in the listing's order."""
+    by_family: dict[tuple[str, str], list[tuple[float, str]]] = defaultdict(list)
+    for source, name, params, family in listed:
+        if not params > max_params:
+            by_family[source, family].append((params if params == params else float("inf"), name))
+    keep = {name for group in by_family.values() for _, name in sorted(group)[:count]}
+    return [entry for entry in listed if entry[1] in keep]
+
+
+def _family(source: str, name: str) -> str:
+    return name.split("_")[0] if source == "torchvision" else _timm_family(name)
 
 
 _FAMILIES: dict[str, str] = {}

@@ -18,9 +18,11 @@ batch size ``N`` are. Discovered from the forward itself (or given by module nam
 
   - a map larger than its module's input in either dimension (padding, an adaptive pooling that
     enlarges, upsampling) is never the final map;
-  - maps made inside a *head*, a module that takes a feature map (after some module with
-    parameters has run) and returns no feature map (global pooling, an attention pool, a class-score
-    convolution followed by pooling), are not: the final map is the one entering the head;
+  - when modules take the last spatial map and return no spatial map (*heads*: global or attention
+    pooling, a class-score convolution with its pooling, the last downsampling of a small input to
+    1×1), the final map is the map entering the outermost of them; only modules that return after
+    the last spatial map was made count (CaiT's class-attention blocks return class tokens, and then
+    the patch tokens go on);
   - when the model's last module with parameters is the convolution that produced the final map and
     the model returns other spatial class scores with as many channels (a segmentation model's
     upsampled scores), that convolution is a class-score layer: the final map is the one entering
@@ -81,6 +83,7 @@ __all__ = [
 
 INPUT_SUFFIX = ":input"
 Grid = tuple[int, int]
+_NOTHING_KEPT: frozenset[Grid] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def _alive(registry: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
 class _Frame:
     """A module call in progress (modules with children only)."""
 
-    __slots__ = ("head", "input", "layout", "params", "pending", "producer", "saved_final", "start")
+    __slots__ = ("input", "layout", "params", "pending", "producer", "start")
 
     def __init__(
         self,
@@ -200,17 +203,14 @@ class _Frame:
         x: Tensor | None,
         layout: FeatureLayout | None,
         producer: str | None,
-        saved_final: tuple[str, Tensor, FeatureLayout] | None,
         params: int,
     ) -> None:
         self.start = start  # call index: smaller = outer / earlier
         self.input = x
         self.layout = layout  # of the input, if it is a feature map
         self.producer = producer  # of the input, when the call began
-        self.saved_final = saved_final  # the final-map candidate when the call began
         self.params = params  # calls of modules with parameters completed before this one began
         self.pending: list[_Candidate] | None = None  # stage candidates of reductions inside it
-        self.head = False  # a head was found inside it (or it is one)
 
 
 class _Candidate:
@@ -295,6 +295,9 @@ class FeatureRecorder:
         self._final: tuple[str, Tensor, FeatureLayout] | None = None
         self._named_final: tuple[str, Tensor] | None = None
         self._classifier: tuple[Tensor, Tensor, FeatureLayout, str] | None = None
+        # (call index, input, its layout, its name) of modules that took the last spatial map so far
+        # and returned no spatial map
+        self._heads: list[tuple[int, Tensor, FeatureLayout, str]] = []
         self._producers: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
         self._padded: dict[int, weakref.ref[Tensor]] = {}  # outputs of modules that enlarge the map
         self._stages: list[_Candidate] = []  # candidates no enclosing module can supersede any more
@@ -419,7 +422,7 @@ class FeatureRecorder:
         x = _first_tensor(args)
         layout = None if x is None else self._layout(x)
         producer = None if layout is None else self._producer(x)  # type: ignore[arg-type]
-        self._stack.append(_Frame(self._calls, x, layout, producer, self._final, self._params))
+        self._stack.append(_Frame(self._calls, x, layout, producer, self._params))
 
     def _make_on_exit(self, name: str, *, leaf: bool, has_parameters: bool, classifier: bool) -> Any:
         def on_exit(module: nn.Module, args: Any, output: Any) -> None:
@@ -431,21 +434,13 @@ class FeatureRecorder:
                 self._params += 1
             out = output if isinstance(output, Tensor) else _first_tensor(output)
             out_layout = None if out is None else self._layout(out)
-            kept: set[Grid] = set()
-            reuse = None
-            if frame is not None:
-                if (
-                    not frame.head
-                    and frame.saved_final is not self._final
-                    and (out_layout is None or not out_layout.spatial)
-                ):
-                    self._head_rule(frame, output)
-                if frame.head and self._stack:
-                    self._stack[-1].head = True
-                if frame.pending:
-                    kept, reuse = self._settle(frame, out_layout)
-            if out_layout is None:
-                return
+            kept, reuse = _NOTHING_KEPT, None
+            if frame is not None and frame.pending:
+                kept, reuse = self._settle(frame, out_layout)
+            if out_layout is None or not out_layout.spatial:
+                self._head(name, frame, args, output)
+                if out_layout is None:
+                    return
             assert out is not None
             if frame is None:
                 x = _first_tensor(args)
@@ -456,6 +451,8 @@ class FeatureRecorder:
             enlarged = in_layout is not None and (grid[0] > in_layout.grid[0] or grid[1] > in_layout.grid[1])
             if spatial and not enlarged and self._final_module is None:
                 self._final = (name, out, out_layout)
+                if self._heads:  # the network went on with a spatial map: those were no heads
+                    self._heads.clear()
                 if classifier and x is not None and in_layout is not None:
                     self._classifier = (out, x, in_layout, self._producer(x) or name + INPUT_SUFFIX)
             if enlarged:
@@ -486,19 +483,29 @@ class FeatureRecorder:
             and not _alive(self._padded, x)
         )
 
-    def _head_rule(self, frame: _Frame, output: Any) -> None:
-        """A module that took a feature map (after some module with parameters ran) and returns
-        none is a head (pooling, an attention pool, class scores): maps made inside it are not the
-        final map, the one entering it is. Only the innermost such module is a head (a stage that
-        ends at 1×1 on a small input makes its container look like one too)."""
-        if frame.layout is None or frame.params == 0 or self._is_image(frame.input):  # type: ignore[arg-type]
+    def _head(self, name: str, frame: _Frame | None, args: Any, output: Any) -> None:
+        """A module returned no spatial map: if it took one, it is a head candidate (global or
+        attention pooling, class scores, the last downsampling of a small input to 1×1)."""
+        if frame is None:
+            x = _first_tensor(args)
+            layout = None if x is None else self._layout(x)
+        else:
+            x, layout = frame.input, frame.layout
+        if layout is None or not layout.spatial or self._is_image(x):  # type: ignore[arg-type]
             return
         tensors = list(_tensors(output))
-        if tensors and not any((lay := self._layout(t)) is not None and lay.spatial for t in tensors):
-            self._final = frame.saved_final
-            frame.head = True
+        if not tensors or any((lay := self._layout(t)) is not None and lay.spatial for t in tensors):
+            return
+        if frame is None:  # a leaf: nothing hooked ran since its entry, so this keeps the order
+            self._calls += 1
+            start, producer = self._calls, self._producer(x)  # type: ignore[arg-type]
+        else:
+            start, producer = frame.start, frame.producer
+        self._heads.append((start, x, layout, producer or name + INPUT_SUFFIX))  # type: ignore[arg-type]
 
-    def _settle(self, frame: _Frame, out_layout: FeatureLayout | None) -> tuple[set[Grid], Tensor | None]:
+    def _settle(
+        self, frame: _Frame, out_layout: FeatureLayout | None
+    ) -> tuple[frozenset[Grid] | set[Grid], Tensor | None]:
         """A module with children returns: each stage candidate of a reduction inside it is dropped
         as a side branch (the module hands on a larger map), superseded (the module reduces the same
         way, so its own input is the stage), or handed outwards.
@@ -654,6 +661,10 @@ class FeatureRecorder:
                 "(pass final_layer= to choose one)"
             )
         final_layer, final, layout = self._final
+        heads = [head for head in self._heads if head[2].grid == layout.grid]
+        if heads:  # the map entering the outermost head of the last spatial map
+            _, x, x_layout, x_name = min(heads, key=lambda head: head[0])
+            return x_name, x, x_layout
         if self._classifier is not None and self._classifier[0] is final:
             scores = _scores(self._output)
             _, x, x_layout, x_name = self._classifier

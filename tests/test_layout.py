@@ -108,6 +108,10 @@ def test_infer_layout_reads_maps_channels_last_maps_and_tokens():
         "tokens", (14, 10), 1
     )
     assert infer_layout((8, 49, 384), image) == FeatureLayout("tokens", (7, 7), 0)  # LeViT, PVT
+    # What the model declares decides: a class token and 8 registers before 4×4 patches are 25 tokens,
+    # which would also read as a 5×5 grid without a prefix.
+    assert infer_layout((8, 25, 64), (64, 64), prefix_tokens=[9]) == FeatureLayout("tokens", (4, 4), 9)
+    assert infer_layout((8, 25, 64), (64, 64)) == FeatureLayout("tokens", (5, 5), 0)
     assert all(infer_layout((8, 1100 + p, 64), image) is None for p in range(MAX_PREFIX_TOKENS))  # no grid
     # The batch: attention of 8 images × 3 heads is no feature map of this batch.
     assert infer_layout((24, 196, 64), image, batch=8) is None

@@ -333,6 +333,15 @@ class PatchMerging(nn.Module):
         return self.reduction(x)
 
 
+def test_a_last_stage_that_ends_at_1x1_leaves_the_stage_before_it_as_the_final_map(seeded):
+    # On a 4×4 input the last stage pools the last spatial map (2×2) to 1×1: the final map is the map
+    # entering it, the stage before's output; not the stem's output entering the container, which
+    # returns no spatial map either but took a larger map.
+    model, x = multi_stage_net(), torch.rand(2, 3, 4, 4)
+    rec = record(model, x)
+    assert rec.final_layer == "stages.1" and rec.final.shape == (2, 16, 2, 2)
+
+
 class ChannelsLast(nn.Module):
     """A Swin-like network in (N, h, w, C): patch embedding, a block, patch merging, a norm."""
 
