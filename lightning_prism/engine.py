@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -9,11 +10,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
-from .extrapolation import gradual_extrapolation, to_rgb
+from .extrapolation import gradual_extrapolation, rgb_and_informative, unit_scale
+from .layout import FeatureLayout
 from .pca import align_components, explained_variance, principal_components, project
-from .recording import FeatureRecorder, Recording
+from .recording import record
 
 __all__ = ["BASES", "BasisMismatchError", "PRISMResult", "prism"]
 
@@ -48,7 +49,10 @@ class PRISMResult:
             like ``output``, an inference tensor when the forward ran under inference mode.
         components: ``(c, 3)`` principal axes (channel loadings) behind the three colours.
         mean: ``(c,)`` channel mean used for centring.
-        final_layer: name of the module whose output is the final feature map.
+        final_layer: name of the module whose output is the final feature map (or
+            ``"<module>:input"``, the tensor entering that module).
+        final_layout: how that tensor reads as ``final`` (channels-last maps are permuted, token
+            sequences lose their prefix tokens and are laid out on the patch grid).
         stage_layers: names of the stages used for gradual extrapolation, in execution order.
         output: the model's own output for the batch (for example logits).
     """
@@ -62,37 +66,13 @@ class PRISMResult:
     final_layer: str
     stage_layers: list[str]
     output: Any
+    final_layout: FeatureLayout
 
     @cached_property
     def explained_variance(self) -> Tensor:
         """``(K,)`` share of the variance of every principal component (see the attributes)."""
         with torch.no_grad(), torch.autocast(self.final.device.type, enabled=False):
             return explained_variance(self.final)
-
-
-def _record(
-    model: nn.Module, images: Tensor, recorder: FeatureRecorder, inference_mode: bool
-) -> tuple[Any, Recording]:
-    """One forward in eval mode without gradients, recorded; every ``training`` flag restored.
-
-    Under ``torch.inference_mode()`` when asked, unless a lazy module would create its parameters
-    in this forward (they would be inference tensors that training cannot use): then under
-    ``torch.no_grad()``.
-    """
-    modules = list(model.modules())
-    training = [module.training for module in modules]
-    lazy = any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in modules)
-    grad_off = torch.inference_mode() if inference_mode and not lazy else torch.no_grad()
-    try:
-        if any(training):
-            model.eval()
-        with grad_off, recorder:
-            output = model(images)
-    finally:
-        for module, flag in zip(modules, training, strict=True):
-            if module.training != flag:  # setting every flag costs more than the check
-                module.training = flag
-    return output, recorder.recording(input_shape=images.shape)
 
 
 def prism(
@@ -109,16 +89,17 @@ def prism(
     """Principal Image Sections Mapping of a batch.
 
     Runs one forward pass of ``model`` on ``images`` in eval mode without gradients, recording only
-    the final feature map and one small map per stage (forward wrappers or hooks exist only during
-    the call and are removed on every path; a second pass only for an unusual nesting of
-    downsampling modules, see :class:`~lightning_prism.recording.FeatureRecorder`); then computes
-    the batch PCA of the final feature map on its device, in at least float32, and upsamples the top
-    three components through the stages. Every module's ``training`` flag is restored exactly as
-    found; nothing is kept between calls. Works under ``torch.inference_mode()`` and autocast (the
-    maths runs with autocast disabled).
+    the final feature map and one small map per stage (:func:`~lightning_prism.recording.record`:
+    forward wrappers or hooks exist only during the call and are removed on every path); then
+    computes the batch PCA of the final feature map on its device, in at least float32, and
+    upsamples the top three components through the stages. Every module's ``training`` flag is
+    restored exactly as found; nothing is kept between calls. Works under ``torch.inference_mode()``
+    and autocast (the maths runs with autocast disabled). Warns when the maps come out uniform.
 
     Args:
-        model: a CNN (any ``nn.Module`` whose forward produces 4-D feature maps).
+        model: a CNN, vision transformer or other image model: any ``nn.Module`` whose forward
+            produces feature maps ``(N, C, h, w)``, channels-last maps ``(N, h, w, C)`` or patch
+            tokens ``(N, prefix + h·w, C)`` (see :mod:`lightning_prism.recording`).
         images: ``(N, C, H, W)`` floating batch on the model's device.
         extrapolate: upsample through the stages to ``H×W``; ``False`` returns the maps at the
             final feature map's ``h×w``.
@@ -142,7 +123,8 @@ def prism(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module`` or ``images`` not a floating tensor.
         ValueError: for images that are not 4-D or empty, an unknown basis or layer name, a
-            model without a spatial feature map, or a final feature map that is not finite.
+            model without a usable feature map (no spatial or token map of the batch), or a final
+            feature map that is not finite.
         BasisMismatchError: (a ``ValueError``) for a ``reference`` of the wrong shape.
 
     Example::
@@ -162,12 +144,9 @@ def prism(
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
 
-    output, recording = _record(
-        model, images, FeatureRecorder(model, final_layer, stage_layers), inference_mode
+    recording = record(
+        model, images, final_layer=final_layer, stage_layers=stage_layers, inference_mode=inference_mode
     )
-    if not recording.complete:  # an unusual nesting of downsampling modules: record every stage map
-        recorder = FeatureRecorder(model, final_layer, stage_layers, defer_nested=False)
-        output, recording = _record(model, images, recorder, inference_mode)
 
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         final = recording.final
@@ -194,10 +173,24 @@ def prism(
         total = pcs.total_variance.clamp_min(torch.finfo(pcs.total_variance.dtype).tiny)
         colour_variance = features.square().sum(dim=(0, 2, 3)) / total
         usable = components.norm(dim=0) > 0
-        maps = features
         if extrapolate:
             maps = gradual_extrapolation(features, recording.stage_maps, tuple(images.shape[-2:]))
-        rgb = to_rgb(maps, usable, inplace=maps is not features)  # a fresh tensor: reuse it
+        else:
+            maps = unit_scale(features)
+        rgb, informative = rgb_and_informative(maps, usable, inplace=True)  # a fresh tensor: reuse it
+    if not informative:
+        reason = (
+            "has the same value at every pixel of the batch"
+            if not bool(usable.any())
+            else f"gives uniform maps through the stages {recording.stage_layers}"
+        )
+        warnings.warn(
+            f"PRISM maps of this batch are uniform: the final feature map {recording.final_layer!r} {reason}. "
+            "Check that the images differ and the model is not degenerate, or pass final_layer= to choose "
+            "another layer.",
+            UserWarning,
+            stacklevel=2,
+        )
     return PRISMResult(
         maps=rgb,
         features=features.to(torch.float32),
@@ -207,5 +200,6 @@ def prism(
         mean=pcs.mean,
         final_layer=recording.final_layer,
         stage_layers=recording.stage_layers,
-        output=output,
+        output=recording.output,
+        final_layout=recording.final_layout,
     )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gradual_extrapolation", "stage_map", "to_rgb"]
+__all__ = ["gradual_extrapolation", "rgb_and_informative", "stage_map", "to_rgb", "unit_scale"]
 
 
 #: Elements of an activation reduced at once by :func:`stage_map` (a few MB of temporaries).
@@ -62,6 +62,14 @@ def gradual_extrapolation(
     published gradual extrapolation; using ``mean_c |A|`` keeps maps sharp on networks whose stage
     outputs are linear (MobileNet, EfficientNet), where the signed mean would be noise.
 
+    The result is only defined up to a positive factor (each stage's ``mean_c |A|`` is, and the RGB
+    conversion is scale-free), and the raw product can leave float32's range: four stages of a
+    freshly initialised torchvision EfficientNet-B0 at 128×128 have mean |A| of 1e-2 down to 1e-9,
+    a product of 2e-20, on a final map of 2.5e-14. So the features are divided by their largest
+    magnitude, every stage map by its maximum over the batch, and the running map by its largest
+    magnitude after each product: the result is the published one times a positive constant, with
+    largest magnitude 1 (before the last resize), whatever the activations' scale.
+
     Args:
         features: ``(N, k, h, w)`` principal-component scores on the final feature map.
         stage_maps: ``(N, 1, h_i, w_i)`` maps from :func:`stage_map`, in execution order (largest
@@ -77,7 +85,7 @@ def gradual_extrapolation(
         >>> gradual_extrapolation(f, [torch.rand(2, 1, 28, 28), torch.rand(2, 1, 14, 14)], (56, 56)).shape
         torch.Size([2, 3, 56, 56])
     """
-    maps = features
+    maps = unit_scale(features)
     for stage in reversed(stage_maps):
         if stage.shape[0] != maps.shape[0] or stage.ndim != 4 or stage.shape[1] != 1:
             raise ValueError(
@@ -86,10 +94,30 @@ def gradual_extrapolation(
             )
         resized = _resize(maps, stage.shape[-2:])
         stage = stage.to(maps.dtype)
-        maps = resized * stage if resized is features else resized.mul_(stage)  # never in place on `features`
+        stage = stage / _largest(stage)
+        maps = resized.mul_(stage)
+        maps.div_(_largest(maps))
     if size is not None:
         maps = _resize(maps, size)
     return maps
+
+
+def unit_scale(maps: Tensor) -> Tensor:
+    """``maps`` divided by their largest magnitude (a new tensor; zeros stay zeros), so that what
+    follows cannot under- or overflow.
+
+    Example::
+
+        >>> unit_scale(torch.tensor([1e-30, -4e-30]))
+        tensor([ 0.2500, -1.0000])
+    """
+    return maps / _largest(maps)
+
+
+def _largest(t: Tensor) -> Tensor:
+    """``max |t|`` as a 0-d tensor on the device (no host sync), at least the smallest normal number
+    (so that all zeros divide to zeros)."""
+    return torch.linalg.vector_norm(t, ord=math.inf).clamp_min(torch.finfo(t.dtype).tiny)
 
 
 def _resize(maps: Tensor, size: Sequence[int]) -> Tensor:
@@ -114,6 +142,14 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False)
     Returns:
         ``(N, 3, H, W)`` float32 in ``[0, 1]``.
     """
+    return rgb_and_informative(maps, usable, inplace=inplace)[0]
+
+
+def rgb_and_informative(
+    maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False
+) -> tuple[Tensor, bool]:
+    """:func:`to_rgb`, and whether the result shows anything: ``False`` when it is uniform (no
+    usable channel, or the usable channels' values all equal or not finite)."""
     if maps.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) maps, got shape {tuple(maps.shape)}")
     maps = maps.to(torch.float32)
@@ -123,11 +159,12 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False)
     every = bool(usable.all())
     values = maps if every else maps[:, usable]  # boolean indexing copies
     if values.numel() == 0:
-        return torch.zeros_like(maps)
+        return torch.zeros_like(maps), False
     # Two passes for mean and unbiased std, as ``Tensor.std`` (which is several times slower here).
     centred = values.sub_(values.mean()) if inplace or not every else values - values.mean()
     count = centred.numel()
     std = float(torch.linalg.vector_norm(centred)) / math.sqrt(count - 1) if count > 1 else 0.0
+    informative = False
     if math.isfinite(std) and std > 0:
         # z-score clipped to [-1, 1], then min-max: in the centred values' own units this is a clamp
         # to [max(min, -std), min(max, std)] and one affine map (Python-number bounds: the fast
@@ -136,12 +173,13 @@ def to_rgb(maps: Tensor, usable: Tensor | None = None, *, inplace: bool = False)
         low, high = max(minimum, -std), min(maximum, std)
         if high > low:
             normalised = centred.clamp_(low, high).sub_(low).div_(high - low)
+            informative = True
         else:
             normalised = torch.full_like(centred, 0.5)
     else:
         normalised = torch.full_like(centred, 0.5)
     if every:
-        return normalised
+        return normalised, informative
     rgb = torch.zeros_like(maps)
     rgb[:, usable] = normalised
-    return rgb
+    return rgb, informative

@@ -42,6 +42,9 @@ MAX_ITERATIONS = 64
 POWER_STEPS = 3
 #: Convergence: every wanted Ritz pair's residual is below this fraction of its eigengap.
 TOLERANCE = 1e-4
+#: ``Σ X²`` of the centred map outside this range (and not 0) is computed again on ``X / max|X|``:
+#: float32 squares of values below about 1e-19 underflow, above about 1e19 overflow.
+SAFE_TOTAL = (1e-20, 1e20)
 
 
 class PrincipalComponents(NamedTuple):
@@ -122,6 +125,15 @@ def _exact(centred: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     # Left singular vectors u_i = vectors[:, i]: loadings v_i = Xᵀ u_i / s_i, scores X v_i = u_i s_i.
     singular = eigenvalues.sqrt().where(eigenvalues > 0, torch.ones_like(eigenvalues))
     return eigenvalues, (centred.T @ vectors) / singular, vectors * singular
+
+
+def _total(centred: Tensor) -> tuple[Tensor, float]:
+    """``Σ X²`` (on the device, and as a Python float) from the channels' norms (contiguous rows of
+    the channel-major copy), no squared copy: one float32 norm over all N·h·w·c values is 2e-4 off
+    for ResNet-50 at batch 32, these 1e-7."""
+    norms = torch.linalg.vector_norm(centred.T, dim=1)
+    total = torch.dot(norms, norms)
+    return total, float(total)
 
 
 def _matmul_eps(t: Tensor) -> float:
@@ -235,13 +247,19 @@ def principal_components(
     centred, mean = _centred(activations)
     num_rows, channels = centred.shape
     k = min(num_components, num_rows, channels)
-    # Σ X² from the channels' norms (contiguous rows of the channel-major copy), no squared copy:
-    # one float32 norm over all N·h·w·c values is 2e-4 off for ResNet-50 at batch 32, these 1e-7.
-    norms = torch.linalg.vector_norm(centred.T, dim=1)
-    total = torch.dot(norms, norms)
-    total_value = float(total)
+    total, total_value = _total(centred)
     if not math.isfinite(total_value) and not torch.isfinite(activations).all():  # one check per batch
         raise ValueError("the feature map contains NaN or infinite values")
+    scale = 1.0
+    if not SAFE_TOTAL[0] <= total_value <= SAFE_TOTAL[1]:
+        # Squares of the map's values may leave the floating range (a freshly initialised deep
+        # network, unnormalised activations; also Σ X² = 0 by underflow): the axes of X / max|X| are
+        # the same; scores and variances are scaled back at the end. A constant map stays as it is.
+        largest = float(torch.linalg.vector_norm(centred, ord=math.inf))
+        if 0 < largest < math.inf:
+            scale = largest
+            centred = centred.div_(scale)  # our own copy of the map
+            total, total_value = _total(centred)
     found = None
     iterate = method == "iterative" or min(num_rows, channels) >= ITERATIVE_MIN_SIZE
     if method != "exact" and iterate and total_value > 0 and k < min(num_rows, channels):
@@ -255,6 +273,8 @@ def principal_components(
     weights = torch.tensor(usable, dtype=loadings.dtype, device=loadings.device) * _orientation(loadings)
     loadings, scores = loadings * weights, scores * weights
     explained = eigenvalues / total if total_value > 0 else torch.zeros_like(eigenvalues)
+    if scale != 1.0:
+        scores, eigenvalues, total = scores * scale, eigenvalues * scale**2, total * scale**2
     if k < num_components:
         loadings = torch.cat([loadings, loadings.new_zeros(channels, num_components - k)], dim=1)
         scores = torch.cat([scores, scores.new_zeros(num_rows, num_components - k)], dim=1)

@@ -1,37 +1,55 @@
-"""Recording what PRISM needs from one forward pass: the hook lifecycle.
+"""Recording what PRISM needs from one forward pass, and discovering where it is.
 
-:class:`FeatureRecorder` is a context manager. On entry it attaches to the model's modules; on exit
-(also after an exception) it detaches from every one of them. While the forward runs it keeps only
+:func:`record` runs a model's forward once and returns a :class:`Recording`: the final feature map
+(as an ``(N, C, h, w)`` view), the name and :class:`~lightning_prism.layout.FeatureLayout` of the layer
+that produced it, and one ``(N, 1, h, w)`` map ``mean_c |A|`` per stage. Nothing else is kept, so its
+memory cost is a few small maps. :class:`FeatureRecorder` is the discovery behind it, a context
+manager around a forward; :class:`~lightning_prism.hooks.ModuleTaps` attaches and detaches its
+callbacks.
 
-* a reference to the final feature map (read after the forward has finished, so in-place
-  activations applied to it later are included), and
-* one ``(N, 1, h, w)`` map, ``mean_c |A|``, per stage,
-
-never other activations, so its memory cost is a few small maps.
-
-Discovery has to see every module call (199 per forward of EfficientNet-Lite0). A forward hook puts
-a module on the slow path of ``nn.Module.__call__``, about 5 µs per call inside a forward that
-streams megabytes between calls, so the recorder instead sets a wrapper as each module's own
-``forward`` attribute, which keeps the fast path, and deletes it (or puts back a ``forward`` the
-instance already had) on exit. It uses forward hooks where a wrapper could see something else than
-a hook would: on a module with forward hooks of its own (they may replace the output after the
-wrapper has seen it), while a global forward hook is registered, and inside ``nn.DataParallel``
-(its replicas copy each module's attributes). Modules named by ``final_layer``/``stage_layers``
-always get forward hooks.
-
-Which tensors these are is discovered from the forward itself (see :meth:`FeatureRecorder.recording`)
-or given by module name:
+Every tensor is read through its layout (:func:`~lightning_prism.layout.infer_layout`): convolutional
+``(N, C, h, w)`` maps, channels-last ``(N, h, w, C)`` maps and token sequences ``(N, P + h·w, C)`` are
+all *feature maps* on a patch grid ``h×w`` of the image, and only tensors whose first dimension is the
+batch size ``N`` are. Discovered from the forward itself (or given by module name):
 
 * **final feature map**: the output of the last module, in order of completion, that produces a
-  4-D tensor with spatial size larger than 1×1;
-* **stage maps**: for every spatial resolution the network downsamples from, the tensor entering
-  the outermost module that reduces that resolution. Such a stage is named after the last module
-  that produced the tensor, or ``"<module>:input"`` when a functional operation produced it.
-  Modules that enlarge the map (padding) and global pooling to 1×1 do not downsample, a map
-  enlarged by padding is no new resolution, and the model's input (or a tensor of the input's
-  shape) is never a stage; only resolutions larger than the final map's count.
-* channels-last tensors whose last two dims do not scale like the image's ``H×W`` (ConvNeXt's
-  ``(N, h, w, c)`` permutes) are not feature maps at all;
+  feature map larger than 1×1, read after the forward has finished (in-place activations applied to
+  it later are included), except
+
+  - a map larger than its module's input in either dimension (padding, an adaptive pooling that
+    enlarges, upsampling) is never the final map;
+  - when modules take the last spatial map and return no spatial map (*heads*: global or attention
+    pooling, a class-score convolution with its pooling, the last downsampling of a small input to
+    1×1), the final map is the map entering the outermost of them; only modules that return after
+    the last spatial map was made count (CaiT's class-attention blocks return class tokens, and then
+    the patch tokens go on);
+  - when the model's last module with parameters is the convolution that produced the final map and
+    the model returns other spatial class scores with as many channels (a segmentation model's
+    upsampled scores), that convolution is a class-score layer: the final map is the one entering
+    it. (A convolution pooled into the output, as in Network-in-Network, is not told apart from a
+    pooled feature extractor and stays the final map, unless a head module pools it.)
+
+* **stage maps**: for every resolution the network downsamples from on its main path, the feature
+  map entering the outermost module that takes it down to the next resolution of the main path.
+  Such a stage is named after the last module that produced that tensor, or ``"<module>:input"``
+  when a functional operation produced it. Precisely:
+
+  - a module *reduces* when its output map is no larger than its input map in both dimensions and
+    at most two thirds of it in one, a stride of 1.5 or more (global pooling to 1×1 does not count,
+    nor does a valid convolution that trims a few pixels). Padding does not, and a map enlarged by
+    padding is no new resolution; the model's input (or a tensor of the input's shape) is never a
+    stage;
+  - a reduction inside a module whose output map is larger than the reduced one (a spatial-reduction
+    attention's keys, a global-context branch, a down-and-up block) is a *side branch* and never a
+    stage;
+  - of several modules that reduce the same resolution, the outermost one whose output has the next
+    resolution is the stage's module: a container that runs several stages (timm's ``stages``,
+    EfficientNet's ``blocks``) is not, its first stage is;
+  - inside a *stem*, a module that takes the model's input and hands on a map that is reduced
+    further outside it, a reduction by a layer with parameters (a second strided convolution) is
+    no stage, a reduction by pooling is (ResNet's max-pool keeps the map before it);
+  - only resolutions larger than the final map's count.
+
 * an ``nn.Identity`` (a placeholder, as in ``model.avgpool = nn.Identity()`` or timm's
   ``drop_path``) hands its input on and produces nothing, so it is never the final layer or a
   stage's name: the tensor keeps the name of the module that produced it.
@@ -41,20 +59,31 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks
-from torch.utils.hooks import RemovableHandle
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .extrapolation import stage_map
+from .hooks import ModuleTaps, wrappers_allowed
+from .layout import FeatureLayout, declared_prefix_tokens, infer_layout
 
-__all__ = ["FeatureRecorder", "Recording", "resolve_module"]
+__all__ = [
+    "FeatureLayout",
+    "FeatureRecorder",
+    "Recording",
+    "infer_layout",
+    "output_tensor",
+    "record",
+    "resolve_module",
+]
 
 INPUT_SUFFIX = ":input"
-_MISSING = object()
+Grid = tuple[int, int]
+_NOTHING_KEPT: frozenset[Grid] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -62,19 +91,25 @@ class Recording:
     """What one forward pass left behind.
 
     Attributes:
-        final: ``(N, c, h, w)`` final feature map, as it was after the forward finished.
-        final_layer: name of the module that produced it.
+        final: ``(N, c, h, w)`` final feature map, as it was after the forward finished (a view of
+            the layer's tensor through ``final_layout``: permuted for a channels-last map, the patch
+            tokens on their grid for a token sequence).
+        final_layer: name of the module whose output (:func:`output_tensor`: the tensor itself, or
+            the first tensor of a tuple) is the final feature map, or ``"<module>:input"`` for the
+            tensor entering that module (see :func:`resolve_module`).
+        final_layout: how that tensor reads as ``final``; the same layout turns the gradient with
+            respect to it into ``(N, c, h, w)``.
         stage_maps: ``(N, 1, h_i, w_i)`` float32 maps ``mean_c |A|``, in execution order.
         stage_layers: names of the stages, same order.
-        complete: ``False`` when a deferred stage map turned out to be needed after its activation
-            was gone (see ``defer_nested``); record again with ``defer_nested=False``.
+        output: the model's own output for the batch.
     """
 
     final: Tensor
     final_layer: str
+    final_layout: FeatureLayout
     stage_maps: list[Tensor]
     stage_layers: list[str]
-    complete: bool = True
+    output: Any = None
 
 
 def resolve_module(model: nn.Module, name: str, *, allow_input: bool = False) -> tuple[nn.Module, bool]:
@@ -108,29 +143,48 @@ def resolve_module(model: nn.Module, name: str, *, allow_input: bool = False) ->
     return modules[key], is_input
 
 
-def _first_tensor(values: Any) -> Tensor | None:
-    if isinstance(values, Tensor):
-        return values
-    if isinstance(values, (tuple, list)):
-        for value in values:
-            if isinstance(value, Tensor):
-                return value
+def output_tensor(value: Any) -> Tensor | None:
+    """The tensor a layer hands on: ``value`` itself, or the first tensor of a tuple or list
+    (``None`` otherwise). A layer named in a :class:`Recording` hands its map on this way.
+
+    Example::
+
+        >>> output_tensor((None, torch.zeros(2), torch.ones(1))), output_tensor({"x": torch.ones(1)})
+        (tensor([0., 0.]), None)
+    """
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, Tensor):
+                return item
     return None
 
 
-def _is_feature_map(hw: tuple[int, int] | None, image_hw: tuple[int, int] | None) -> bool:
-    """Whether a 4-D tensor's last two dims scale like the image's ``H×W``.
+_first_tensor = output_tensor
 
-    Excludes channels-last intermediates such as ConvNeXt's ``(N, h, w, c)`` permutes: their last
-    two dims ``(w, c)`` do not shrink in proportion to the image (a factor of two of slack allows
-    for rounding on small maps).
-    """
-    if hw is None:
-        return False
-    if image_hw is None:
-        return True
-    scale_h, scale_w = hw[0] / image_hw[0], hw[1] / image_hw[1]
-    return max(scale_h, scale_w) <= 2 * min(scale_h, scale_w)
+
+def _scores(output: Any) -> Tensor | None:
+    """The model's first output tensor, also from a mapping (torchvision's segmentation dicts,
+    Hugging Face's ``ModelOutput``)."""
+    if isinstance(output, Mapping):
+        output = tuple(output.values())
+    return output_tensor(output)
+
+
+def _tensors(values: Any) -> Iterator[Tensor]:
+    if isinstance(values, Tensor):
+        yield values
+    elif isinstance(values, (tuple, list)):
+        yield from (v for v in values if isinstance(v, Tensor))
+    elif isinstance(values, Mapping):
+        yield from (v for v in values.values() if isinstance(v, Tensor))
+
+
+def _downsampled(a: Grid, b: Grid) -> bool:
+    """``a`` no larger than ``b`` in both dimensions and at most two thirds of it in one (a stride of
+    1.5 or more; a valid convolution that trims a few pixels does not downsample)."""
+    return a[0] <= b[0] and a[1] <= b[1] and (3 * a[0] <= 2 * b[0] or 3 * a[1] <= 2 * b[1])
 
 
 def _alive(registry: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
@@ -138,58 +192,47 @@ def _alive(registry: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
     return ref is not None and ref() is t
 
 
-class _ForwardWrapper:
-    """Calls ``on_enter(module, args)`` before and ``on_exit(module, args, output)`` after a module's
-    ``forward``, by setting a wrapper as the module's own ``forward`` attribute until :meth:`remove`.
+class _Frame:
+    """A module call in progress (modules with children only)."""
 
-    What a forward pre-hook and a forward hook would see, without taking the module off the fast
-    path of ``nn.Module.__call__`` (see the module docstring for when hooks are used instead).
-    """
+    __slots__ = ("input", "layout", "params", "pending", "producer", "start")
 
     def __init__(
         self,
-        module: nn.Module,
-        on_enter: Callable[[nn.Module, tuple[Any, ...]], None] | None,
-        on_exit: Callable[[nn.Module, tuple[Any, ...], Any], None],
+        start: int,
+        x: Tensor | None,
+        layout: FeatureLayout | None,
+        producer: str | None,
+        params: int,
     ) -> None:
-        self.module = module
-        state = vars(module)
-        self._own = state.get("forward", _MISSING)  # a forward already set on the instance: put back
-        forward = module.forward
-        if on_enter is None:
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                output = forward(*args, **kwargs)
-                on_exit(module, args, output)
-                return output
-
-        else:
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                on_enter(module, args)
-                output = forward(*args, **kwargs)
-                on_exit(module, args, output)
-                return output
-
-        self.wrapper = wrapper
-        state["forward"] = wrapper
-
-    def remove(self) -> None:
-        """Restore the module's ``forward`` exactly as found (idempotent)."""
-        state = vars(self.module)
-        if state.get("forward") is self.wrapper:
-            if self._own is _MISSING:
-                del state["forward"]
-            else:
-                state["forward"] = self._own
+        self.start = start  # call index: smaller = outer / earlier
+        self.input = x
+        self.layout = layout  # of the input, if it is a feature map
+        self.producer = producer  # of the input, when the call began
+        self.params = params  # calls of modules with parameters completed before this one began
+        self.pending: list[_Candidate] | None = None  # stage candidates of reductions inside it
 
 
-@dataclass
-class _StageCandidate:
-    start: int  # call index of the downsampling module: smaller = outer / earlier
-    name: str
-    map: Tensor | None  # None: deferred, an enclosing module is expected to take over
-    source: weakref.ref[Tensor]  # the activation the map is (to be) computed from
+class _Candidate:
+    """A reduction ``gi → go`` whose input may be a stage."""
+
+    __slots__ = ("gi", "go", "layout", "learned", "map", "name", "ref", "source", "start", "stem")
+
+    def __init__(self, start: int, name: str, x: Tensor, layout: FeatureLayout, go: Grid) -> None:
+        self.start = start
+        self.name = name
+        self.gi, self.go = layout.grid, go
+        self.layout = layout
+        self.ref = weakref.ref(x)  # identity of the input
+        self.source: Tensor | None = x  # held until the map is computed or no longer needed
+        self.map: Tensor | None = None
+        self.stem: Grid | None = None  # output grid of the outermost module around it that took the image
+        self.learned = True  # modules with parameters ran inside the reducing module
+
+    def materialize(self) -> None:
+        if self.map is None and self.source is not None:
+            self.map = stage_map(self.layout.to_nchw(self.source))
+        self.source = None
 
 
 class FeatureRecorder:
@@ -197,18 +240,18 @@ class FeatureRecorder:
 
     Args:
         model: the network whose forward is recorded.
-        final_layer: module whose (last) output is the final feature map; discovered if ``None``.
+        final_layer: module whose (last) output, or ``"<name>:input"`` input, is the final feature
+            map; discovered if ``None``.
         stage_layers: modules whose outputs (or ``"<name>:input"`` inputs) are the stages, in any
             order; discovered if ``None``.
-        defer_nested: when a downsampling module runs inside an enclosing module whose own input
-            has the same resolution (a MobileNet/EfficientNet/ResNet block around its strided
-            convolution), skip its stage map: the enclosing module almost always downsamples too
-            and takes the stage over, with its own input. If it does not and the skipped
-            activation is gone, :meth:`recording` reports ``complete=False`` and the forward must
-            be recorded again with ``defer_nested=False`` (``prism()`` does this). No second pass was
-            needed on any of 56 torchvision CNNs (96×96 inputs) or on EfficientNet-Lite0 (224×224).
+        defer_nested: when a module reduces inside an enclosing module whose input has the same
+            resolution (the strided convolution of a ResNet or MobileNet block), compute its stage
+            map only if the enclosing module does not reduce the same way itself (it almost always
+            does, and then its own input is the stage); until then its input is kept. ``False``
+            computes every candidate's map at once (the same result).
 
     Raises:
+        TypeError: for a ``stage_layers`` string or a name that is not a string.
         ValueError: for an unknown module name (listing the nearest valid names).
 
     Example::
@@ -216,7 +259,7 @@ class FeatureRecorder:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 1))
         >>> with FeatureRecorder(model) as recorder:
         ...     _ = model(torch.rand(2, 3, 16, 16))
-        >>> rec = recorder.recording(input_shape=(2, 3, 16, 16))
+        >>> rec = recorder.recording()
         >>> rec.final_layer, rec.stage_layers, tuple(rec.final.shape)
         ('2', ['0'], (2, 8, 8, 8))
     """
@@ -235,190 +278,325 @@ class FeatureRecorder:
         self.final_layer = final_layer
         self.stage_layers = None if stage_layers is None else list(stage_layers)
         self.defer_nested = defer_nested
-        self._final_module = resolve_module(model, final_layer)[0] if final_layer is not None else None
+        self._final_module = (
+            resolve_module(model, final_layer, allow_input=True) if final_layer is not None else None
+        )
         self._stage_modules = [
             (name, *resolve_module(model, name, allow_input=True)) for name in self.stage_layers or []
         ]
-        self._handles: list[RemovableHandle | _ForwardWrapper] = []
+        self._taps = ModuleTaps()
         self._reset()
 
     # ---------------------------------------------------------------- lifecycle
     def _reset(self) -> None:
         self._calls = 0
-        # (call index, 4-D input, its producer when the call began) per open call
-        self._stack: list[tuple[int, Tensor | None, str | None]] = []
-        self._final: tuple[str, Tensor] | None = None
+        self._params = 0  # calls of modules with parameters completed so far
+        self._stack: list[_Frame] = []
+        self._final: tuple[str, Tensor, FeatureLayout] | None = None
+        self._named_final: tuple[str, Tensor] | None = None
+        self._classifier: tuple[Tensor, Tensor, FeatureLayout, str] | None = None
+        # (call index, input, its layout, its name) of modules that took the last spatial map so far
+        # and returned no spatial map
+        self._heads: list[tuple[int, Tensor, FeatureLayout, str]] = []
         self._producers: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
         self._padded: dict[int, weakref.ref[Tensor]] = {}  # outputs of modules that enlarge the map
-        self._candidates: dict[tuple[int, int], _StageCandidate] = {}
+        self._stages: list[_Candidate] = []  # candidates no enclosing module can supersede any more
         self._named_stages: dict[str, tuple[int, Tensor]] = {}
         self._input_shape: tuple[int, ...] | None = None
-        self._feature_hws: dict[tuple[int, ...], tuple[int, int] | None] = {}
+        self._image_size: Grid | None = None
+        self._output: Any = None
+        self._layouts: dict[tuple[int, ...], FeatureLayout | None] = {}
+        self._all_modules: list[nn.Module] = []
+        self._prefixes: tuple[int, ...] | None = None
 
     def __enter__(self) -> FeatureRecorder:
-        if self._handles:
+        if len(self._taps):
             raise RuntimeError("FeatureRecorder is already active; it cannot be entered twice")
         self._reset()
         try:
             self._register()
         except BaseException:
-            self.remove()
+            self._taps.remove()
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.remove()
+        self._taps.remove()
+        for frame in self._stack:  # after an exception: let go of every held input
+            frame.pending = None
         self._stack.clear()
         self._producers.clear()
         self._padded.clear()
 
     def remove(self) -> None:
         """Remove every hook and forward wrapper this recorder attached (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._taps.remove()
 
     def _register(self) -> None:
+        taps = self._taps
+        taps.before(self.model, self._on_model_input)
+        taps.after(self.model, self._on_model_output)
         discover = self._final_module is None or self.stage_layers is None
-        root = self._handles.append
-        root(self.model.register_forward_pre_hook(self._on_model_input))
+        modules = list(self.model.named_modules())
+        self._all_modules = [m for _, m in modules]  # for the prefix tokens, read at the first 3-D tensor
         if discover:
-            modules = list(self.model.named_modules())
-            # Where a wrapper would not see what a hook sees (module docstring): hooks everywhere.
-            wrap = not _global_forward_hooks and not any(isinstance(m, nn.DataParallel) for _, m in modules)
-            for name, module in modules:
-                if module is self.model or type(module) is nn.Identity:
-                    continue  # an nn.Identity hands its input on: it produces no tensor to name
-                # A module without children runs nothing hooked inside, so its exit hook can see
-                # what its entry hook would have (call order, input, producer): one hook, not two.
+            wrap = wrappers_allowed(m for _, m in modules)
+            # (name, module, has parameters of its own); an nn.Identity hands its input on: it
+            # produces no tensor to name.
+            observed = [
+                (name, m, bool(m._parameters) and any(p is not None for p in m._parameters.values()))
+                for name, m in modules
+                if m is not self.model and type(m) is not nn.Identity
+            ]
+            with_parameters = [(name, m) for name, m, has in observed if has]
+            classifier = None  # the last module with parameters, if a convolution (a class-score layer?)
+            if with_parameters and isinstance(with_parameters[-1][1], nn.modules.conv._ConvNd):
+                classifier = with_parameters[-1][0]
+            for name, module, has_parameters in observed:
+                # A module without children runs nothing hooked inside, so its exit callback can see
+                # what its entry callback would have (call order, input, producer): one callback.
                 leaf = not module._modules  # no children (a None entry counts as one: harmless)
-                on_enter, on_exit = None if leaf else self._on_enter, self._make_on_exit(name, leaf=leaf)
-                if wrap and not module._forward_hooks:
-                    root(_ForwardWrapper(module, on_enter, on_exit))
-                    continue
-                if on_enter is not None:
-                    root(module.register_forward_pre_hook(on_enter))
-                root(module.register_forward_hook(on_exit))
+                on_exit = self._make_on_exit(
+                    name, leaf=leaf, has_parameters=has_parameters, classifier=name == classifier
+                )
+                taps.around(module, None if leaf else self._on_enter, on_exit, wrap=wrap)
         if self._final_module is not None:
-            root(self._final_module.register_forward_hook(self._on_final))
-        for name, module, is_input in self._stage_modules:
+            module, is_input = self._final_module
             if is_input:
-                root(module.register_forward_pre_hook(self._make_named_stage(name, from_input=True)))
+                taps.before(
+                    module, lambda m, args, kwargs: self._on_named_final(args or tuple(kwargs.values()))
+                )
             else:
-                root(module.register_forward_hook(self._make_named_stage(name, from_input=False)))
+                taps.after(module, lambda m, args, output: self._on_named_final(output))
+        for name, module, is_input in self._stage_modules:
+            take = self._make_named_stage(name)
+            if is_input:
+                taps.before(module, lambda m, args, kwargs, take=take: take(args or tuple(kwargs.values())))
+            else:
+                taps.after(module, lambda m, args, output, take=take: take(output))
 
-    # ---------------------------------------------------------------- hooks
-    def _on_model_input(self, module: nn.Module, args: Any) -> None:
-        x = _first_tensor(args)
+    # ---------------------------------------------------------------- layouts
+    def _on_model_input(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        x = _first_tensor(args) if args else _first_tensor(tuple(kwargs.values()))
         if x is not None and self._input_shape is None:
-            self._input_shape = tuple(x.shape)
-            self._feature_hws.clear()
+            self._set_input_shape(tuple(x.shape))
 
-    def _entry(self, args: Any) -> tuple[int, Tensor | None, str | None]:
-        """Call index, 4-D input and the input's producer, as a module is entered."""
-        self._calls += 1
-        x = _first_tensor(args)
-        if x is None or x.dim() != 4:
-            return self._calls, None, None
-        return self._calls, x, self._producer(x)
+    def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._output = output
 
+    def _set_input_shape(self, shape: tuple[int, ...]) -> None:
+        self._input_shape = shape
+        self._image_size = (shape[-2], shape[-1]) if len(shape) >= 2 else None
+        self._layouts.clear()
+
+    def _layout(self, t: Tensor) -> FeatureLayout | None:
+        """The tensor's layout if it is a feature map of this batch (cached per shape: this runs
+        for every module call)."""
+        shape = t.shape
+        try:
+            return self._layouts[shape]
+        except KeyError:
+            pass
+        image, batch = self._image_size, None if self._input_shape is None else self._input_shape[0]
+        if image is None:  # no image seen: 4-D tensors are (N, C, h, w), nothing else is a map
+            layout = (
+                FeatureLayout("nchw", (shape[2], shape[3])) if len(shape) == 4 and min(shape) > 0 else None
+            )
+        else:
+            if len(shape) == 3 and self._prefixes is None:
+                self._prefixes = declared_prefix_tokens(self._all_modules)
+            layout = infer_layout(shape, image, batch=batch, prefix_tokens=self._prefixes or ())
+        self._layouts[shape] = layout
+        return layout
+
+    def _is_image(self, x: Tensor) -> bool:
+        return x.shape == self._input_shape
+
+    # ---------------------------------------------------------------- discovery
     def _producer(self, x: Tensor) -> str | None:
         entry = self._producers.get(id(x))
         return entry[0] if entry is not None and entry[1]() is x else None
 
     def _on_enter(self, module: nn.Module, args: Any) -> None:
-        self._stack.append(self._entry(args))
+        self._calls += 1
+        x = _first_tensor(args)
+        layout = None if x is None else self._layout(x)
+        producer = None if layout is None else self._producer(x)  # type: ignore[arg-type]
+        self._stack.append(_Frame(self._calls, x, layout, producer, self._params))
 
-    def _feature_hw(self, t: Tensor) -> tuple[int, int] | None:
-        """``(h, w)`` of a 4-D tensor whose last two dims scale like the image's, else ``None``
-        (cached per shape: this runs twice for every module call)."""
-        shape = t.shape
-        try:
-            return self._feature_hws[shape]
-        except KeyError:
-            pass
-        hw = (shape[-2], shape[-1]) if len(shape) == 4 else None
-        image = self._input_shape
-        if hw is not None and not _is_feature_map(hw, None if image is None else (image[-2], image[-1])):
-            hw = None
-        self._feature_hws[shape] = hw
-        return hw
-
-    def _make_on_exit(self, name: str, *, leaf: bool) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            # A module without children runs nothing hooked inside, so what its entry hook would
-            # have seen (input, its producer, call order) is still there now; it is only looked up
-            # when needed.
-            entry = None if leaf else self._stack.pop() if self._stack else (0, None, None)
-            if not isinstance(output, Tensor):
-                return
-            out_hw = self._feature_hw(output)
-            if out_hw is None:
-                return
-            spatial = out_hw[0] * out_hw[1] > 1  # global pooling (squeeze-excitation, head) is no map
-            if spatial and self._final_module is None:
-                self._final = (name, output)
-            if entry is None:
+    def _make_on_exit(self, name: str, *, leaf: bool, has_parameters: bool, classifier: bool) -> Any:
+        def on_exit(module: nn.Module, args: Any, output: Any) -> None:
+            # A module without children runs nothing hooked inside, so what its entry callback
+            # would have seen (input, its producer, call order) is still there now; it is only looked
+            # up when needed.
+            frame = None if leaf or not self._stack else self._stack.pop()
+            if has_parameters:
+                self._params += 1
+            out = output if isinstance(output, Tensor) else _first_tensor(output)
+            out_layout = None if out is None else self._layout(out)
+            kept, reuse = _NOTHING_KEPT, None
+            if frame is not None and frame.pending:
+                kept, reuse = self._settle(frame, out_layout)
+            if out_layout is None or not out_layout.spatial:
+                self._head(name, frame, args, output)
+                if out_layout is None:
+                    return
+            assert out is not None
+            if frame is None:
                 x = _first_tensor(args)
-                start, producer = 0, None
+                in_layout = None if x is None else self._layout(x)
             else:
-                start, x, producer = entry
-            in_hw = None if x is None else self._feature_hw(x)
-            if in_hw is not None and in_hw != out_hw:
+                x, in_layout = frame.input, frame.layout
+            grid, spatial = out_layout.grid, out_layout.spatial
+            enlarged = in_layout is not None and (grid[0] > in_layout.grid[0] or grid[1] > in_layout.grid[1])
+            if spatial and not enlarged and self._final_module is None:
+                self._final = (name, out, out_layout)
+                if self._heads:  # the network went on with a spatial map: those were no heads
+                    self._heads.clear()
+                if classifier and x is not None and in_layout is not None:
+                    self._classifier = (out, x, in_layout, self._producer(x) or name + INPUT_SUFFIX)
+            if enlarged:
+                self._padded[id(out)] = weakref.ref(out)
+            elif (
+                spatial and in_layout is not None and _downsampled(grid, in_layout.grid) and self._eligible(x)
+            ):
                 assert x is not None
-                reduces = out_hw[0] <= in_hw[0] and out_hw[1] <= in_hw[1]
-                if reduces and spatial and x.shape != self._input_shape and not _alive(self._padded, x):
-                    # A leaf: nothing hooked ran since its entry, so this index keeps the entry order.
-                    if entry is None:
-                        self._calls += 1
-                        start, producer = self._calls, self._producer(x)
-                    self._add_candidate(start, name, producer, x, in_hw)
-                elif out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
-                    self._padded[id(output)] = weakref.ref(output)
-            self._producers[id(output)] = (name, weakref.ref(output))
+                if frame is None:  # a leaf: nothing hooked ran since its entry, so this keeps the order
+                    self._calls += 1
+                    start, producer = self._calls, self._producer(x)
+                else:
+                    start, producer = frame.start, frame.producer
+                if in_layout.grid not in kept:  # else it runs several reductions: the inner one is the stage
+                    learned = has_parameters if frame is None else self._params > frame.params
+                    self._reduced(start, producer or name + INPUT_SUFFIX, x, in_layout, grid, reuse, learned)
+            self._producers[id(out)] = (name, weakref.ref(out))
 
-        return hook
+        return on_exit
 
-    def _add_candidate(
-        self, start: int, name: str, producer: str | None, x: Tensor, hw: tuple[int, int]
-    ) -> None:
-        """A module called ``name`` (entered at call ``start``) reduced ``x`` from ``hw``; keep it as
-        the stage of ``hw`` if it is the outermost such module so far."""
-        known = self._candidates.get(hw)
-        if known is not None and start >= known.start:
-            return
-        stage = producer if producer is not None else name + INPUT_SUFFIX
-        if known is None or known.source() is not x or known.map is None:
-            deferred = self.defer_nested and self._enclosed(x, hw)
-            known = _StageCandidate(start, stage, None if deferred else stage_map(x), weakref.ref(x))
-        # else: nested reducers that share their input share its map
-        self._candidates[hw] = _StageCandidate(start, stage, known.map, known.source)
-
-    def _enclosed(self, x: Tensor, hw: tuple[int, int]) -> bool:
-        """Whether a module still running around this one took another tensor of ``hw`` as input
-        (and may therefore downsample ``hw`` itself, superseding this stage candidate)."""
-        return any(
-            t is not None
-            and t is not x
-            and t.shape[-2:] == hw
-            and t.shape != self._input_shape
-            and not _alive(self._padded, t)
-            for _, t, _ in self._stack
+    def _eligible(self, x: Tensor | None) -> bool:
+        """Whether a module's input can be a stage: discovery is on, and it is neither the model's
+        input nor a map enlarged by padding."""
+        return (
+            x is not None
+            and self.stage_layers is None
+            and not self._is_image(x)
+            and not _alive(self._padded, x)
         )
 
-    def _on_final(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, Tensor):
-            self._final = (str(self.final_layer), output)
+    def _head(self, name: str, frame: _Frame | None, args: Any, output: Any) -> None:
+        """A module returned no spatial map: if it took one, it is a head candidate (global or
+        attention pooling, class scores, the last downsampling of a small input to 1×1)."""
+        if frame is None:
+            x = _first_tensor(args)
+            layout = None if x is None else self._layout(x)
+        else:
+            x, layout = frame.input, frame.layout
+        if layout is None or not layout.spatial or self._is_image(x):  # type: ignore[arg-type]
+            return
+        tensors = list(_tensors(output))
+        if not tensors or any((lay := self._layout(t)) is not None and lay.spatial for t in tensors):
+            return
+        if frame is None:  # a leaf: nothing hooked ran since its entry, so this keeps the order
+            self._calls += 1
+            start, producer = self._calls, self._producer(x)  # type: ignore[arg-type]
+        else:
+            start, producer = frame.start, frame.producer
+        self._heads.append((start, x, layout, producer or name + INPUT_SUFFIX))  # type: ignore[arg-type]
 
-    def _make_named_stage(self, name: str, *, from_input: bool) -> Any:
+    def _settle(
+        self, frame: _Frame, out_layout: FeatureLayout | None
+    ) -> tuple[frozenset[Grid] | set[Grid], Tensor | None]:
+        """A module with children returns: each stage candidate of a reduction inside it is dropped
+        as a side branch (the module hands on a larger map), superseded (the module reduces the same
+        way, so its own input is the stage), or handed outwards.
+
+        Returns:
+            the input grids of the candidates handed outwards, and the map of a superseded candidate
+            whose input is the module's own (to reuse).
+        """
+        pending, frame.pending = frame.pending or [], None
+        grid = None if out_layout is None else out_layout.grid
+        supersedes = grid is not None and frame.layout is not None and self._eligible(frame.input)
+        kept: set[Grid] = set()
+        reuse = None
+        stem = grid if frame.input is not None and self._is_image(frame.input) else None
+        for candidate in pending:
+            if grid is not None and not (grid[0] <= candidate.go[0] and grid[1] <= candidate.go[1]):
+                candidate.source = None  # a side branch
+                continue
+            if supersedes and grid == candidate.go and frame.layout.grid == candidate.gi:  # type: ignore[union-attr]
+                if candidate.map is not None and candidate.ref() is frame.input:
+                    reuse = candidate.map
+                candidate.source = None
+                continue
+            kept.add(candidate.gi)
+            if stem is not None:
+                candidate.stem = stem
+            self._hand_out(candidate)
+        return kept, reuse
+
+    def _hand_out(self, candidate: _Candidate) -> None:
+        """Pass a candidate to the innermost running module, which may still supersede it or show
+        it to be a side branch; compute its map now unless that module could supersede it."""
+        parent = self._stack[-1] if self._stack else None
+        if parent is None:
+            candidate.materialize()
+            self._stages.append(candidate)
+            return
+        if not (
+            self.defer_nested
+            and parent.layout is not None
+            and parent.layout.grid == candidate.gi
+            and self._eligible(parent.input)
+        ):
+            candidate.materialize()
+        if parent.pending is None:
+            parent.pending = []
+        parent.pending.append(candidate)
+
+    def _reduced(
+        self,
+        start: int,
+        name: str,
+        x: Tensor,
+        layout: FeatureLayout,
+        go: Grid,
+        reuse: Tensor | None,
+        learned: bool,
+    ) -> None:
+        """A module (entered at call ``start``) reduced ``x`` from ``layout.grid`` to ``go``; with
+        ``learned``, modules with parameters ran inside it (a strided convolution, not a pooling)."""
+        gi = layout.grid
+        # A further reduction from gi: the modules running around a candidate that reduced to gi
+        # will not end at gi, so none of them supersedes it.
+        for open_frame in self._stack:
+            for waiting in open_frame.pending or ():
+                if waiting.go == gi and waiting.source is not None:
+                    waiting.materialize()
+        candidate = _Candidate(start, name, x, layout, go)
+        candidate.learned = learned
+        if reuse is not None:
+            candidate.map, candidate.source = reuse, None
+        self._hand_out(candidate)
+
+    def _on_named_final(self, value: Any) -> None:
+        t = _scores(value)
+        if t is not None:
+            self._named_final = (str(self.final_layer), t)
+
+    def _make_named_stage(self, name: str) -> Any:
         def take(value: Any) -> None:
-            t = _first_tensor(value)
-            if t is not None and t.ndim == 4:
+            t = _scores(value)
+            if t is None:
+                return
+            layout = self._layout(t)
+            if layout is None and t.ndim == 4:
+                layout = FeatureLayout("nchw", (t.shape[2], t.shape[3]))  # named: taken as (N, C, h, w)
+            if layout is not None:
                 self._calls += 1
-                self._named_stages[name] = (self._calls, stage_map(t))
+                self._named_stages[name] = (self._calls, stage_map(layout.to_nchw(t)))
 
-        if from_input:
-            return lambda module, args: take(args)
-        return lambda module, args, output: take(output)
+        return take
 
     # ---------------------------------------------------------------- result
     def recording(self, input_shape: Sequence[int] | None = None) -> Recording:
@@ -430,44 +608,127 @@ class FeatureRecorder:
 
         Raises:
             ValueError: if no suitable final feature map was seen, or a named layer did not run
-                or produced no 4-D tensor.
+                or produced no feature map.
         """
-        if input_shape is not None:
-            self._input_shape = tuple(input_shape)
-        name = type(self.model).__name__
-        if self._final is None:
-            if self.final_layer is not None:
-                raise ValueError(f"final_layer {self.final_layer!r} did not run or produced no tensor")
-            raise ValueError(
-                f"no module of {name} produced a 4-D feature map larger than 1×1; PRISM needs a "
-                "convolutional feature map (pass final_layer= to choose one)"
-            )
-        final_layer, final = self._final
-        if final.ndim != 4 or final.shape[-1] * final.shape[-2] < 2:
-            raise ValueError(
-                f"final_layer {final_layer!r} produced shape {tuple(final.shape)}; PRISM needs a 4-D "
-                "(N, c, h, w) feature map larger than 1×1"
-            )
+        if input_shape is not None and tuple(input_shape) != self._input_shape:
+            self._set_input_shape(tuple(input_shape))
+        final_layer, final, layout = self._final_map()
         if self.stage_layers is not None:
             missing = [s for s in self.stage_layers if s not in self._named_stages]
             if missing:
-                raise ValueError(f"stage layers {missing} did not run or produced no 4-D tensor")
+                raise ValueError(f"stage layers {missing} did not run or produced no feature map")
             ordered = sorted(self._named_stages.items(), key=lambda item: item[1][0])
             stage_layers = [stage for stage, _ in ordered]
             stage_maps = [value[1] for _, value in ordered]
         else:
-            h, w = final.shape[-2:]
-            chosen = sorted(
-                (c for (sh, sw), c in self._candidates.items() if sh >= h and sw >= w and sh * sw > h * w),
-                key=lambda c: c.start,
+            h, w = layout.grid
+            chosen: dict[Grid, _Candidate] = {}
+            for c in self._stages:
+                (sh, sw) = c.gi
+                if c.learned and c.stem is not None and c.stem[0] * c.stem[1] > h * w:
+                    continue  # a strided layer inside a stem whose output is reduced further: no stage
+                if sh >= h and sw >= w and sh * sw > h * w and c.map is not None:
+                    known = chosen.get(c.gi)
+                    if known is None or c.start < known.start:
+                        chosen[c.gi] = c
+            ordered_candidates = sorted(chosen.values(), key=lambda c: c.start)
+            stage_layers = [c.name for c in ordered_candidates]
+            stage_maps = [c.map for c in ordered_candidates]  # type: ignore[misc]
+        return Recording(layout.to_nchw(final), final_layer, layout, stage_maps, stage_layers, self._output)
+
+    def _final_map(self) -> tuple[str, Tensor, FeatureLayout]:
+        name = type(self.model).__name__
+        shapes = (
+            "PRISM needs a feature map: (N, C, h, w), channels-last (N, h, w, C) or tokens "
+            "(N, prefix + h·w, C) on a patch grid of the image, with N the batch size"
+        )
+        if self.final_layer is not None:
+            if self._named_final is None:
+                raise ValueError(f"final_layer {self.final_layer!r} did not run or produced no tensor")
+            final_layer, t = self._named_final
+            layout = self._layout(t)
+            if layout is None and t.ndim == 4:
+                layout = FeatureLayout("nchw", (t.shape[2], t.shape[3]))
+            if layout is None or not layout.spatial:
+                raise ValueError(
+                    f"final_layer {final_layer!r} produced shape {tuple(t.shape)}, which is no feature map "
+                    f"larger than 1×1; {shapes}"
+                )
+            return final_layer, t, layout
+        if self._final is None:
+            raise ValueError(
+                f"no module of {name} produced a feature map larger than 1×1; {shapes} "
+                "(pass final_layer= to choose one)"
             )
-            stage_layers = [c.name for c in chosen]
-            stage_maps = []
-            for c in chosen:
-                if c.map is None:  # deferred, and no enclosing module took over
-                    source = c.source()
-                    if source is None:
-                        return Recording(final, final_layer, [], stage_layers, complete=False)
-                    c.map = stage_map(source)
-                stage_maps.append(c.map)
-        return Recording(final, final_layer, stage_maps, stage_layers)
+        final_layer, final, layout = self._final
+        heads = [head for head in self._heads if head[2].grid == layout.grid]
+        if heads:  # the map entering the outermost head of the last spatial map
+            _, x, x_layout, x_name = min(heads, key=lambda head: head[0])
+            return x_name, x, x_layout
+        if self._classifier is not None and self._classifier[0] is final:
+            scores = _scores(self._output)
+            _, x, x_layout, x_name = self._classifier
+            if (
+                scores is not None
+                and scores is not final
+                and scores.ndim == 4
+                and scores.shape[-1] * scores.shape[-2] > 1
+                and scores.shape[1] == layout.to_nchw(final).shape[1]
+                and x_layout.spatial
+            ):
+                return x_name, x, x_layout  # a class-score convolution: the map entering it
+        return final_layer, final, layout
+
+
+def record(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    final_layer: str | None = None,
+    stage_layers: Sequence[str] | None = None,
+    inference_mode: bool = True,
+) -> Recording:
+    """One forward of ``model`` on ``images`` in eval mode without gradients, recorded.
+
+    Every module's ``training`` flag is restored exactly as found, and every hook and wrapper
+    removed, also after an exception. Under ``torch.inference_mode()`` when asked, unless a lazy
+    module would create its parameters in this forward (they would be inference tensors that
+    training cannot use): then under ``torch.no_grad()``.
+
+    Args:
+        model: the network.
+        images: ``(N, C, H, W)`` batch.
+        final_layer: module name (or ``"<name>:input"``) of the final feature map; discovered if
+            ``None``.
+        stage_layers: module names (or ``"<name>:input"``) of the stages; discovered if ``None``.
+        inference_mode: ``torch.inference_mode()`` instead of ``torch.no_grad()``.
+
+    Returns:
+        :class:`Recording`, with the model's output.
+
+    Raises:
+        ValueError: for an unknown layer name, or a model without a usable feature map (see
+            :class:`FeatureRecorder`).
+
+    Example::
+
+        >>> import torchvision
+        >>> rec = record(torchvision.models.resnet18(), torch.rand(2, 3, 64, 64))
+        >>> rec.final_layer, rec.final_layout.kind, tuple(rec.final.shape), rec.stage_layers
+        ('layer4', 'nchw', (2, 512, 2, 2), ['relu', 'layer1', 'layer2', 'layer3'])
+    """
+    recorder = FeatureRecorder(model, final_layer, stage_layers)
+    modules = list(model.modules())
+    training = [module.training for module in modules]
+    lazy = any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in modules)
+    grad_off = torch.inference_mode() if inference_mode and not lazy else torch.no_grad()
+    try:
+        if any(training):
+            model.eval()
+        with grad_off, recorder:
+            model(images)
+    finally:
+        for module, flag in zip(modules, training, strict=True):
+            if module.training != flag:  # setting every flag costs more than the check
+                module.training = flag
+    return recorder.recording(input_shape=images.shape)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from torch import nn
 
 from conftest import PHOTOS, assert_valid_maps, hook_count, tiny_cnn
 from lightning_prism import prism
+from lightning_prism.extrapolation import gradual_extrapolation, to_rgb
+from lightning_prism.recording import record
 
 
 def reference_prism(model: nn.Sequential, images: torch.Tensor, extrapolate: bool = True):
@@ -100,19 +103,54 @@ def test_features_survive_when_there_is_nothing_to_extrapolate(seeded):
     assert result.stage_layers == [] and result.maps.shape == (2, 3, 6, 6)
 
 
-def test_second_forward_only_when_a_deferred_stage_map_is_missing(seeded):
+def test_one_forward_also_when_a_nested_reduction_is_no_stage(seeded):
     from test_recording import down_up_net
 
-    for model, forwards in ((tiny_cnn(), 1), (down_up_net(), 2)):
+    for model in (tiny_cnn(), down_up_net()):
         calls: list[int] = []
         handle = model.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
         try:
             result = prism(model, torch.rand(2, 3, 16, 16))
         finally:
             handle.remove()
-        assert len(calls) == forwards
+        assert len(calls) == 1
         assert_valid_maps(result.maps, (2, 3, 16, 16))
-    assert result.stage_layers == ["1.expand"]
+    assert result.stage_layers == ["1"]
+
+
+def test_maps_of_a_freshly_initialised_deep_network_are_not_grey(seeded):
+    # torchvision's EfficientNet-B0 at initialisation: the final map's |A| is about 1e-14 and the
+    # product of its four stage maps about 1e-20, so the raw extrapolation underflows float32.
+    model = torchvision.models.efficientnet_b0()
+    images = torch.rand(4, 3, 128, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about uniform maps
+        result = prism(model, images)
+    assert_valid_maps(result.maps, (4, 3, 128, 128))
+    assert result.maps.std() > 0.1
+    assert result.final.abs().mean() < 1e-10  # the case the test is about
+    # The same picture as extrapolating the unit-scaled stage maps in float64.
+    recording = record(model, images)
+    expected = gradual_extrapolation(
+        result.features.double() / result.features.abs().max(),
+        [m.double() / m.max() for m in recording.stage_maps],
+        (128, 128),
+    )
+    torch.testing.assert_close(result.maps, to_rgb(expected), atol=1e-4, rtol=0)
+
+
+def test_uniform_maps_warn(seeded):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 1))
+    nn.init.zeros_(model[2].weight)
+    nn.init.constant_(model[2].bias, 1.0)  # the final map is 1 everywhere
+    with pytest.warns(
+        UserWarning, match=r"PRISM maps of this batch are uniform: the final feature map '2' has the same"
+    ):
+        result = prism(model, torch.rand(2, 3, 8, 8))
+    assert result.maps.abs().max() == 0  # no component: black
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prism(tiny_cnn(), torch.rand(2, 3, 32, 32))  # informative maps: no warning
 
 
 def test_training_flags_and_grad_mode_restored_exactly():

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from lightning_prism import extrapolation
-from lightning_prism.extrapolation import gradual_extrapolation, stage_map, to_rgb
+from lightning_prism.extrapolation import (
+    gradual_extrapolation,
+    rgb_and_informative,
+    stage_map,
+    to_rgb,
+    unit_scale,
+)
 
 
 def reference_rgb(maps: np.ndarray) -> np.ndarray:
@@ -26,20 +32,45 @@ def test_stage_map_is_channel_mean_of_absolute_activation(chunk, monkeypatch, se
     assert stage_map(a.to(torch.bfloat16)).dtype == torch.float32
 
 
+def same_up_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal after dividing each by its largest magnitude (gradual extrapolation is only defined up to
+    a positive factor), and the factor positive."""
+    torch.testing.assert_close(
+        actual / actual.abs().max(), (expected / expected.abs().max()).to(actual.dtype)
+    )
+
+
 def test_gradual_extrapolation_follows_the_stages_in_reverse(seeded):
     features = torch.randn(2, 3, 4, 4)
     stages = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 8, 8)]
     expected = F.interpolate(features, size=(8, 8), mode="bilinear", align_corners=False) * stages[1]
     expected = F.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False) * stages[0]
     expected = F.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(gradual_extrapolation(features, stages, (32, 32)), expected)
+    same_up_to_scale(gradual_extrapolation(features, stages, (32, 32)), expected)
     # Without a target size the result stays at the first stage's resolution.
     assert gradual_extrapolation(features, stages).shape == (2, 3, 16, 16)
     # Without stages it is a plain bilinear resize.
-    torch.testing.assert_close(
+    same_up_to_scale(
         gradual_extrapolation(features, [], (8, 8)),
         F.interpolate(features, size=(8, 8), mode="bilinear", align_corners=False),
     )
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_gradual_extrapolation_cannot_under_or_overflow(scale, seeded):
+    # Four stages of 1e-12 (or 1e12) and features of that size: the raw product is 1e-60 (1e60),
+    # outside float32; the extrapolation is the float64 one up to scale.
+    features = torch.randn(2, 3, 2, 2, dtype=torch.float64) * scale
+    stages = [torch.rand(2, 1, 2**k, 2**k, dtype=torch.float64) * scale + scale / 10 for k in (5, 4, 3, 2)]
+    expected = features
+    for stage in reversed(stages):
+        expected = (
+            F.interpolate(expected, size=stage.shape[-2:], mode="bilinear", align_corners=False) * stage
+        )
+    assert not torch.isfinite(expected.float()).all() or expected.float().abs().max() == 0  # float32 fails
+    result = gradual_extrapolation(features.float(), [s.float() for s in stages], (32, 32))
+    assert torch.isfinite(result).all() and result.abs().max() == pytest.approx(1.0, rel=1e-6)
+    same_up_to_scale(result, expected)
 
 
 def test_gradual_extrapolation_never_modifies_its_inputs(seeded):
@@ -54,7 +85,14 @@ def test_gradual_extrapolation_never_modifies_its_inputs(seeded):
     expected = (
         F.interpolate(features * stages[1], size=(8, 8), mode="bilinear", align_corners=False) * stages[0]
     )
-    torch.testing.assert_close(result, expected)
+    same_up_to_scale(result, expected)
+
+
+def test_unit_scale():
+    tiny = torch.tensor([[1e-30, -4e-30]])
+    torch.testing.assert_close(unit_scale(tiny), torch.tensor([[0.25, -1.0]]))
+    zeros = torch.zeros(3)
+    assert torch.equal(unit_scale(zeros), zeros) and unit_scale(zeros) is not zeros
 
 
 def test_gradual_extrapolation_rejects_a_mismatched_stage():
@@ -78,8 +116,10 @@ def test_to_rgb_inplace_gives_the_same_result_in_the_same_memory(seeded):
 
 
 def test_to_rgb_constant_map_is_grey_not_nan():
-    rgb = to_rgb(torch.full((2, 3, 4, 4), 7.0))
-    assert torch.equal(rgb, torch.full_like(rgb, 0.5))
+    rgb, informative = rgb_and_informative(torch.full((2, 3, 4, 4), 7.0))
+    assert torch.equal(rgb, torch.full_like(rgb, 0.5)) and not informative
+    assert rgb_and_informative(torch.randn(2, 3, 4, 4))[1]
+    assert not rgb_and_informative(torch.randn(2, 3, 4, 4), torch.zeros(3, dtype=torch.bool))[1]
     assert torch.equal(to_rgb(torch.ones(1, 3, 1, 1)), torch.full((1, 3, 1, 1), 0.5))
 
 

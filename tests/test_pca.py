@@ -188,3 +188,16 @@ def test_bad_arguments():
         principal_components(torch.rand(1, 3, 2, 2), method="svd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"do not match a feature map with 4 channels"):
         project(torch.rand(1, 4, 2, 2), torch.rand(5, 3), torch.rand(5))
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_axes_do_not_depend_on_the_map_scale(scale, seeded):
+    # float32 squares of 1e-25 underflow and of 1e25 overflow; the axes are those of the map at
+    # scale 1, and scores and variances scale with it.
+    activations = torch.randn(2, 24, 5, 5)
+    plain = principal_components(activations)
+    scaled = principal_components(activations * scale)
+    torch.testing.assert_close(scaled.components, plain.components, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled.explained_variance, plain.explained_variance)
+    torch.testing.assert_close(scaled.scores / scale, plain.scores, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(scaled.scores).all()

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import gc
+import weakref
+from collections import OrderedDict
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +12,7 @@ import torchvision
 from torch import nn
 
 from conftest import hook_count, tiny_cnn
-from lightning_prism.recording import FeatureRecorder, resolve_module
+from lightning_prism.recording import FeatureLayout, FeatureRecorder, output_tensor, resolve_module
 
 
 def record(model: nn.Module, x: torch.Tensor, **kwargs):
@@ -63,13 +68,14 @@ class FunctionalTail(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.pad = nn.ZeroPad2d(1)  # enlarges the map: neither downsampling nor a new resolution
         self.body = nn.Conv2d(4, 4, 3)  # valid conv: 10×10 back to 8×8
+        self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stem(x) * 2)  # the tensor entering `pool` comes from a functional op
         x = self.body(self.pad(x))
         out = self.body(self.pad(x))  # body runs twice; its last output is the final map
         F.relu(out, inplace=True)
-        return out.mean((2, 3))
+        return self.fc(out.mean((2, 3)))
 
 
 def test_final_map_is_read_after_the_forward_and_functional_stages_are_named():
@@ -103,24 +109,306 @@ def down_up_net() -> nn.Sequential:
     )
 
 
-def test_nested_downsampling_defers_its_stage_map_to_the_enclosing_module(seeded):
-    # resnet50's layer2 contains the strided conv of layer2.0: only the outer stage map is needed.
-    model, x = torchvision.models.resnet50().eval(), torch.rand(1, 3, 64, 64)
-    deferred, eager = record(model, x), record(model, x, defer_nested=False)
-    assert deferred.complete and deferred.stage_layers == eager.stage_layers
-    for a, b in zip(deferred.stage_maps, eager.stage_maps, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_a_deferred_stage_that_nobody_took_over_asks_for_a_second_recording(seeded):
+def test_a_reduction_undone_inside_its_module_is_a_side_branch(seeded):
+    # DownUp pools inside and upsamples back: the map it hands on is 16×16, so its inner 16 → 8 is
+    # no stage; the 16×16 stage is the tensor entering the real downsampling, `2`.
     model, x = down_up_net().eval(), torch.rand(2, 3, 16, 16)
     rec = record(model, x)
-    assert not rec.complete  # `1.down`'s input was skipped for `1`, which did not downsample
-    eager = record(model, x, defer_nested=False)
-    assert eager.complete and eager.stage_layers == ["1.expand"]
+    assert rec.stage_layers == ["1"]
     with torch.no_grad():
-        expected = model[1].expand(model[0](x)).abs().mean(dim=1, keepdim=True)
-    torch.testing.assert_close(eager.stage_maps[0], expected)
+        expected = model[1](model[0](x)).abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(rec.stage_maps[0], expected)
+
+
+DEFERRAL_MODELS = {
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
+    "down_up": lambda: down_up_net(),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFERRAL_MODELS))
+def test_deferred_stage_maps_equal_eager_ones(name, seeded):
+    # A strided convolution inside a block defers its map to the block, which takes the stage
+    # over with its own input; computing every candidate's map at once gives the same recording.
+    model, x = DEFERRAL_MODELS[name]().eval(), torch.rand(2, 3, 64, 64)
+    deferred, eager = record(model, x), record(model, x, defer_nested=False)
+    assert deferred.stage_layers == eager.stage_layers and len(deferred.stage_layers) >= 1
+    for a, b in zip(deferred.stage_maps, eager.stage_maps, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class Tracked(nn.Module):
+    """Runs a module and keeps a weak reference to every output (what is still alive later)."""
+
+    def __init__(self, inner: nn.Module, outputs: list) -> None:
+        super().__init__()
+        self.inner, self.outputs = inner, outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+def test_nothing_but_the_final_map_outlives_the_recording(seeded):
+    # Deferred stage maps keep their input alive until the enclosing module decides: after the
+    # forward nothing of that may remain.
+    outputs: list = []
+    blocks = [
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)),
+        nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1)),
+    ]
+    model = nn.Sequential(*(Tracked(b, outputs) for b in blocks), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    rec = record(model, torch.rand(2, 3, 16, 16))
+    assert rec.stage_layers == ["0", "1"] and rec.final_layer == "2"
+    gc.collect()
+    alive = [ref() for ref in outputs if ref() is not None]
+    assert len(alive) == 1 and alive[0] is rec.final  # the final map, nothing else
+    assert all(m.shape[1] == 1 for m in rec.stage_maps)
+
+
+class VGGLike(nn.Module):
+    """As torchvision's VGG: an AdaptiveAvgPool2d(7) that enlarges a map smaller than 7×7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.MaxPool2d(2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Linear(8 * 49, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+def test_a_map_enlarged_by_pooling_is_never_the_final_map():
+    model, x = VGGLike(), torch.rand(2, 3, 16, 16)
+    rec = record(model, x)
+    assert rec.final_layer == "features" and rec.final.shape == (2, 8, 4, 4)
+    assert record(model, torch.rand(2, 3, 28, 28)).final_layer == "avgpool"  # 7×7 → 7×7 enlarges nothing
+
+
+class SplitHeads(nn.Module):
+    """Attention-like: (N, C, h, w) → (N·heads, C / heads, h, w), a batch that is not the images'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.reshape(n * 2, c // 2, h, w)
+
+
+class HeadsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+        )
+        self.split = SplitHeads()
+        self.mix = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.mix(self.split(self.body(x)))  # (2N, 4, h, w)
+        return mixed.reshape(x.shape[0], -1).mean(1, keepdim=True)
+
+
+def test_only_maps_with_the_batch_size_count():
+    rec = record(HeadsNet(), torch.rand(3, 3, 16, 16))
+    assert rec.final_layer == "body" and rec.final.shape == (3, 8, 8, 8)
+
+
+class AttentionPool(nn.Module):
+    """An attention-pooling head: a learned query attends over the map's pixels as tokens."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, channels))
+        self.kv = nn.Linear(channels, 2 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # (N, h·w, C)
+        key, value = self.kv(tokens).chunk(2, dim=-1)  # kv's output is a token map on the grid
+        weights = (self.query @ key.transpose(1, 2)).softmax(-1)  # (N, 1, h·w)
+        return (weights @ value).squeeze(1)  # (N, C)
+
+
+class PooledNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+        )
+        self.pool = AttentionPool(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.body(x)))
+
+
+def test_maps_inside_a_pooling_head_are_not_the_final_map():
+    model, x = PooledNet(), torch.rand(2, 3, 16, 16)
+    rec = record(model, x)
+    assert rec.final_layer == "body" and rec.final_layout == FeatureLayout("nchw", (8, 8))
+    named = record(model, x, final_layer="pool.kv")  # what discovery skipped: a token map
+    assert named.final_layout == FeatureLayout("tokens", (8, 8)) and named.final.shape == (2, 16, 8, 8)
+
+
+class Segmenter(nn.Module):
+    """A segmentation model: a class-score convolution, then its scores resized to the input."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = self.classifier(self.backbone(x))
+        return {"out": F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+def test_the_map_entering_a_class_score_convolution_is_the_final_map():
+    model, x = Segmenter(), torch.rand(2, 3, 16, 16)
+    rec = record(model, x)
+    assert rec.final_layer == "backbone" and rec.final.shape == (2, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rec.final, model.backbone(x))
+    # A backbone that returns its last convolution's map has no class-score layer.
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 5, 1))
+    assert record(backbone, x).final_layer == "2"
+
+
+def multi_stage_net(stem_stride: int = 1) -> nn.Sequential:
+    """A stem, then one container that runs three stages (as timm's `stages` or EfficientNet's `blocks`)."""
+    conv = partial(nn.Conv2d, kernel_size=3, padding=1)
+    stem = nn.Sequential(conv(3, 8, stride=stem_stride), nn.ReLU())
+    if stem_stride == 2:
+        stem.append(conv(8, 8, stride=2))  # a stem that downsamples twice
+    stages = nn.Sequential(
+        nn.Sequential(conv(8, 8), nn.ReLU()),
+        nn.Sequential(nn.MaxPool2d(2), conv(8, 16)),
+        nn.Sequential(nn.MaxPool2d(2), conv(16, 16)),
+    )
+    return nn.Sequential(OrderedDict(stem=stem, stages=stages, pool=nn.AdaptiveAvgPool2d(1)))
+
+
+def test_a_container_of_several_stages_is_not_a_stage_its_first_stage_is(seeded):
+    model, x = multi_stage_net(), torch.rand(2, 3, 16, 16)
+    rec = record(model, x)
+    assert rec.stage_layers == ["stages.0", "stages.1"]  # not the stem's output entering `stages`
+    with torch.no_grad():
+        first = model.stages[0](model.stem(x))
+    torch.testing.assert_close(rec.stage_maps[0], first.abs().mean(1, keepdim=True))
+
+
+def test_no_stage_inside_a_stem_that_downsamples_twice_by_convolution(seeded):
+    # The stem takes the image to 1/4 in two strided convolutions; timm's feature_info starts after
+    # such stems (MambaOut, LeViT, GC ViT). A stem that max-pools keeps the map before the pool, as
+    # ResNet does.
+    model = multi_stage_net(stem_stride=2)
+    rec = record(model, torch.rand(2, 3, 32, 32))
+    assert rec.stage_layers == ["stages.0", "stages.1"]
+    assert [tuple(m.shape[-2:]) for m in rec.stage_maps] == [(8, 8), (4, 4)]
+    model.stem[2] = nn.MaxPool2d(2)
+    rec = record(model, torch.rand(2, 3, 32, 32))
+    assert rec.stage_layers == ["stem.1", "stages.0", "stages.1"]
+    assert [tuple(m.shape[-2:]) for m in rec.stage_maps] == [(16, 16), (8, 8), (4, 4)]
+
+
+class PatchMerging(nn.Module):
+    """Swin's downsampling in (N, h, w, C): 2×2 neighbours concatenated, then a linear map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * channels, 2 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(n, h // 2, w // 2, 4 * c)
+        return self.reduction(x)
+
+
+def test_a_last_stage_that_ends_at_1x1_leaves_the_stage_before_it_as_the_final_map(seeded):
+    # On a 4×4 input the last stage pools the last spatial map (2×2) to 1×1: the final map is the map
+    # entering it, the stage before's output; not the stem's output entering the container, which
+    # returns no spatial map either but took a larger map.
+    model, x = multi_stage_net(), torch.rand(2, 3, 4, 4)
+    rec = record(model, x)
+    assert rec.final_layer == "stages.1" and rec.final.shape == (2, 16, 2, 2)
+
+
+class ChannelsLast(nn.Module):
+    """A Swin-like network in (N, h, w, C): patch embedding, a block, patch merging, a norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+        self.merge = PatchMerging(8)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).permute(0, 2, 3, 1)
+        x = self.norm(self.merge(x + self.block(x)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_channels_last_maps_are_feature_maps_and_stages(seeded):
+    model, x = ChannelsLast(), torch.rand(2, 3, 32, 48)
+    rec = record(model, x)
+    assert rec.final_layer == "norm" and rec.final_layout == FeatureLayout("nhwc", (4, 6))
+    assert rec.stage_layers == ["merge:input"]  # the tensor entering the merge (a functional sum)
+    with torch.no_grad():
+        embedded = model.embed(x).permute(0, 2, 3, 1)
+        blocks = embedded + model.block(embedded)
+        torch.testing.assert_close(rec.stage_maps[0], blocks.abs().mean(-1).unsqueeze(1))
+    assert rec.final.shape == (2, 16, 4, 6)
+
+
+class TinyViT(nn.Module):
+    """A vision transformer: patch tokens after a class and a distillation token (timm's attribute)."""
+
+    num_prefix_tokens = 2
+
+    def __init__(self, width: int = 16, patch: int = 8) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+        self.dist_token = nn.Parameter(torch.randn(1, 1, width))
+        self.blocks = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(x.shape[0], -1, -1)
+        tokens = torch.cat([prefix, tokens], dim=1)
+        tokens = self.norm(tokens + self.blocks(tokens))
+        return self.head(tokens[:, 0])
+
+
+def test_token_models_give_the_patch_grid_of_the_normalised_tokens(seeded):
+    model, x = TinyViT(), torch.rand(2, 3, 32, 48)
+    rec = record(model, x)
+    assert rec.final_layer == "norm" and rec.final_layout == FeatureLayout("tokens", (4, 6), prefix=2)
+    assert rec.stage_layers == []  # one resolution: nothing to extrapolate through
+    with torch.no_grad():
+        patches = model.patch_embed(x).flatten(2).transpose(1, 2)
+        prefix = torch.cat([model.cls_token, model.dist_token], dim=1).expand(2, -1, -1)
+        tokens = torch.cat([prefix, patches], dim=1)
+        normalised = model.norm(tokens + model.blocks(tokens))
+    expected = torch.stack([normalised[:, 2 + i * 6 + j] for i in range(4) for j in range(6)], -1)
+    torch.testing.assert_close(rec.final, expected.reshape(2, 16, 4, 6))
+    # Named, also as a module's input: the same layout is read.
+    named = record(model, x, final_layer="norm:input", stage_layers=["patch_embed"])
+    assert named.final_layer == "norm:input" and named.final_layout == rec.final_layout
+    assert named.stage_layers == ["patch_embed"] and named.stage_maps[0].shape == (2, 1, 4, 6)
 
 
 def test_overrides_are_used_in_execution_order():
@@ -130,29 +418,16 @@ def test_overrides_are_used_in_execution_order():
     assert rec.stage_layers == ["0", "4"]
 
 
-def test_hooks_are_removed_after_success_and_after_an_exception():
+def test_recorder_detaches_after_success_and_after_an_exception():
     model = tiny_cnn()
     model[3].register_forward_hook(lambda *args: None)  # the user's own hook stays
     before = hook_count(model)
     record(model, torch.rand(1, 3, 32, 32))
     assert hook_count(model) == before
-    with pytest.raises(RuntimeError), FeatureRecorder(model):
+    with pytest.raises(RuntimeError), FeatureRecorder(model) as recorder:
         assert hook_count(model) > before
         model(torch.rand(1, 5, 32, 32))  # wrong channel count: conv raises mid-forward
-    assert hook_count(model) == before
-
-
-def test_an_instance_forward_is_put_back_exactly():
-    model = tiny_cnn()
-    own = model[6].forward
-    model[6].forward = own  # a forward set on the instance, as some libraries do
-    record(model, torch.rand(1, 3, 32, 32))
-    assert vars(model[6])["forward"] is own
-    assert not any("forward" in vars(m) for i, m in enumerate(model) if i != 6)
-    with pytest.raises(RuntimeError), FeatureRecorder(model):
-        assert vars(model[6])["forward"] is not own  # wrapped while recording
-        model(torch.rand(1, 5, 32, 32))
-    assert vars(model[6])["forward"] is own
+    assert hook_count(model) == before and not recorder._stack
 
 
 def wrapped_modules(model: nn.Module) -> int:
@@ -211,13 +486,39 @@ def test_unknown_names_list_the_nearest_valid_ones():
         resolve_module(model, 3)  # type: ignore[arg-type]
 
 
-def test_no_spatial_feature_map_is_a_clear_error():
+def test_no_usable_feature_map_is_a_clear_error():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(
-        ValueError, match=r"no module of Sequential produced a 4-D feature map larger than 1×1"
+        ValueError,
+        match=r"no module of Sequential produced a feature map larger than 1×1; PRISM needs a feature map: "
+        r"\(N, C, h, w\), channels-last \(N, h, w, C\) or tokens",
     ):
         record(model, torch.rand(2, 3, 2, 2))
-    with pytest.raises(ValueError, match=r"final_layer '1' produced shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"final_layer '1' produced shape \(2, 2\), which is no feature map"):
         record(model, torch.rand(2, 3, 2, 2), final_layer="1")
-    with pytest.raises(ValueError, match=r"stage layers \['9'\] did not run or produced no 4-D tensor"):
+    with pytest.raises(ValueError, match=r"stage layers \['9'\] did not run or produced no feature map"):
         record(tiny_cnn(), torch.rand(2, 3, 32, 32), stage_layers=["1", "9"])
+
+
+def test_the_final_layer_and_layout_serve_a_gradient_method(seeded):
+    # The README's recipe for Grad-CAM-like code: hook the recorded layer with gradients on, and
+    # read its output and the gradient with the recorded layout.
+    vit, images, target = TinyViT(), torch.rand(2, 3, 32, 48), 1
+    rec = record(vit, images)
+    module, _ = resolve_module(vit, rec.final_layer, allow_input=True)
+    saved = {}
+
+    def keep(module, args, output):
+        saved["a"] = output_tensor(output)
+        saved["a"].retain_grad()
+
+    handle = module.register_forward_hook(keep)
+    vit(images)[:, target].sum().backward()
+    handle.remove()
+    activation = rec.final_layout.to_nchw(saved["a"])
+    gradient = rec.final_layout.to_nchw(saved["a"].grad)
+    torch.testing.assert_close(activation.detach(), rec.final)  # the recorded map, now with gradients
+    assert gradient.shape == rec.final.shape == (2, 16, 4, 6)
+    # TinyViT classifies from its class token, so the patch tokens' gradient is 0 and the class token's
+    # is not: the layout drops exactly the prefix.
+    assert gradient.abs().max() == 0 and saved["a"].grad[:, 0].abs().max() > 0
