@@ -1,0 +1,680 @@
+"""Gradient views beside PRISM: Grad-CAM and (guided) saliency, for about the cost of one forward.
+
+:func:`grad_cam` (Selvaraju et al.) weights the channels of a feature map ``A`` by the spatial mean of
+the gradient of a class score, ``alpha_k = mean_ij d y_c / d A_k[i, j]``, and keeps the positive part of
+``sum_k alpha_k A_k``. It needs the gradient from the score back to ``A`` only, a backward through the
+network's head, and the forward it runs builds no autograd graph of the layers before ``A``: every
+candidate for the final feature map (the same candidates, and so the same final map, as
+:func:`~lightning_prism.prism`) is cut from the graph where it leaves its module and becomes a fresh
+root, so each segment's graph is released as soon as the next candidate appears. For a network that
+ends in global average pooling and one linear layer, this equals CAM (Zhou et al.) up to a positive
+factor.
+
+:func:`saliency` (Simonyan et al.) is the gradient of the class score with respect to the input
+pixels, a full backward to the input; with ``guided=True`` the backward of every ``nn.ReLU`` module
+passes only positive gradients where its input was positive (guided backpropagation, Springenberg et
+al.).
+
+Both run the model in eval mode and restore every ``training`` flag, and leave the grad mode,
+inference mode, autocast state, every ``requires_grad`` and every ``.grad`` as they found them; the
+forward wrappers or hooks they attach exist only during the call. They work under
+``torch.no_grad()``, ``torch.inference_mode()`` (the caller's inference tensors are cloned) and
+autocast (the forward runs in the caller's precision, the maths in float32).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from .recording import resolve_module
+
+__all__ = ["GradCAMResult", "SaliencyResult", "cam", "grad_cam", "normalise_maps", "saliency"]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class GradCAMResult:
+    """Grad-CAM of one batch.
+
+    Attributes:
+        maps: ``(N, 1, H, W)`` float32 in ``[0, 1]`` on the images' device: ``cams`` resized bilinearly
+            (``align_corners=False``) to the input's ``H×W``, then min-max normalised per image (a
+            constant map gives zeros).
+        cams: ``(N, 1, h, w)`` float32 ``ReLU(sum_k alpha_k A_k)`` at the layer's resolution, not
+            normalised.
+        alpha: ``(N, C)`` float32 channel weights ``alpha_k``, the spatial mean of ``d y_c / d A_k``.
+        targets: ``(N,)`` long, the class ``c`` of every image.
+        layer: name of the module whose output is ``A``.
+        output: the model's scores for the batch, ``(N, K)``, detached.
+    """
+
+    maps: Tensor
+    cams: Tensor
+    alpha: Tensor
+    targets: Tensor
+    layer: str
+    output: Tensor
+
+
+@dataclass(frozen=True)
+class SaliencyResult:
+    """Saliency (or guided backpropagation) of one batch.
+
+    Attributes:
+        maps: ``(N, 1, H, W)`` float32 in ``[0, 1]``: the maximum over input channels of
+            ``|gradients|``, min-max normalised per image (a constant map gives zeros).
+        gradients: ``(N, C, H, W)`` float32 ``d y_c / d x``; with ``guided=True`` the guided
+            backpropagation of ``y_c`` instead.
+        targets: ``(N,)`` long, the class ``c`` of every image.
+        output: the model's scores for the batch, ``(N, K)``, detached.
+    """
+
+    maps: Tensor
+    gradients: Tensor
+    targets: Tensor
+    output: Tensor
+
+
+# ------------------------------------------------------------------------------------------ maths
+def cam(activations: Tensor, gradients: Tensor) -> tuple[Tensor, Tensor]:
+    """Grad-CAM of a feature map from its gradient.
+
+    Args:
+        activations: ``(N, C, h, w)`` feature map ``A``.
+        gradients: ``(N, C, h, w)`` gradient ``d y_c / d A`` of each image's class score.
+
+    Returns:
+        ``(cams, alpha)``: ``(N, 1, h, w)`` ``ReLU(sum_k alpha_k A_k)`` and ``(N, C)`` channel weights
+        ``alpha_k = mean_ij d y_c / d A_k[i, j]``, in the inputs' dtype.
+
+    Example::
+
+        >>> a = torch.tensor([[[[1.0, 2.0]], [[3.0, -4.0]]]])  # N=1, C=2, h=1, w=2
+        >>> cams, alpha = cam(a, torch.tensor([[[[1.0, 1.0]], [[-1.0, 0.0]]]]))
+        >>> alpha, cams
+        (tensor([[ 1.0000, -0.5000]]), tensor([[[[0., 4.]]]]))
+    """
+    alpha = gradients.mean(dim=(2, 3))
+    cams = torch.einsum("nc,nchw->nhw", alpha, activations).unsqueeze(1).clamp_(min=0)
+    return cams, alpha
+
+
+def normalise_maps(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """Resize maps bilinearly (``align_corners=False``) and min-max normalise each one to ``[0, 1]``.
+
+    A map whose values are all equal (to within a few float32 rounding steps, which is what a
+    bilinear resize leaves of a constant map) becomes zeros.
+
+    Args:
+        maps: ``(N, 1, h, w)`` maps.
+        size: ``(H, W)`` to resize to; ``None`` keeps ``h×w``.
+
+    Returns:
+        ``(N, 1, H, W)`` float32.
+
+    Example::
+
+        >>> normalise_maps(torch.tensor([[[[1.0, 3.0, 2.0]]], [[[2.0, 2.0, 2.0]]]])).flatten(1)
+        tensor([[0.0000, 1.0000, 0.5000],
+                [0.0000, 0.0000, 0.0000]])
+    """
+    maps = maps.to(torch.float32)
+    lo, hi = maps.amin(dim=(2, 3), keepdim=True), maps.amax(dim=(2, 3), keepdim=True)
+    constant = (hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs())
+    if size is not None and tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        lo, hi = maps.amin(dim=(2, 3), keepdim=True), maps.amax(dim=(2, 3), keepdim=True)
+    span = torch.where(constant | (hi <= lo), torch.inf, hi - lo)
+    return (maps - lo).div_(span)
+
+
+def _feature_map(activation: Tensor, gradient: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+    """A layer's output and its gradient as float32 ``(N, C, h, w)`` feature maps.
+
+    The one place where the layout of a layer's output is interpreted: an ``(N, C, h, w)`` tensor (in
+    any memory format) is taken as it is.
+
+    Raises:
+        ValueError: if the layer's output is not a 4-D tensor.
+    """
+    if activation.ndim != 4:
+        raise ValueError(
+            f"layer {layer!r} produced shape {tuple(activation.shape)}; Grad-CAM needs an (N, C, h, w) "
+            "feature map"
+        )
+    return activation.detach().to(torch.float32), gradient.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- forward plumbing
+class _GraphRoot(torch.autograd.Function):
+    """Identity that starts a new autograd graph at a feature map.
+
+    Applied to ``t.detach().requires_grad_()``, it returns a tensor that shares ``t``'s memory, has
+    no history before this point and, unlike a leaf or a view of one, may be modified in place by the
+    code that follows (an in-place ReLU after a module, as in ResNet and DenseNet).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, leaf: Tensor) -> Tensor:
+        return leaf.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _graph_root(t: Tensor) -> Tensor:
+    return _GraphRoot.apply(t.detach().requires_grad_())
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients, and only where its input was positive."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, inplace: bool) -> Tensor:
+        if inplace:
+            out = x.relu_()
+            ctx.mark_dirty(out)
+        else:
+            out = x.relu()
+        ctx.save_for_backward(out)  # out > 0 exactly where x > 0
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return torch.where(out > 0, grad, 0).clamp_(min=0), None
+
+
+class _ForwardTap:
+    """Sees, and may replace, the output of modules during one forward pass; optionally calls
+    ``before()`` as each of them is entered.
+
+    The attach mechanics shared by :func:`grad_cam` and :func:`saliency`: while the context is
+    active, each module's own ``forward`` attribute is a wrapper that returns
+    ``after(name, forward(...))`` (``nn.Module.__call__`` keeps its fast path); a module with forward
+    hooks of its own, every module while a global forward hook is registered, and every module of a
+    model containing ``nn.DataParallel`` (whose replicas copy instance attributes) get a forward
+    (pre-)hook instead, registered after the module's own hooks so that it sees and replaces the
+    output that flows on. Everything is removed on exit, also after an exception; a ``forward`` the
+    instance already had is put back.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[tuple[str, nn.Module]],
+        after: Callable[[str, Any], Any],
+        before: Callable[[], None] | None = None,
+        *,
+        hooks: bool = False,
+    ) -> None:
+        self.modules = modules
+        self.after = after
+        self.before = before
+        self.hooks = hooks
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> _ForwardTap:
+        try:
+            for name, module in self.modules:
+                self._attach(name, module)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Detach from every module (idempotent)."""
+        while self._undo:
+            self._undo.pop()()
+
+    def _attach(self, name: str, module: nn.Module) -> None:
+        after, before = self.after, self.before
+        if self.hooks or module._forward_hooks:
+            if before is not None:
+                self._undo.append(module.register_forward_pre_hook(lambda m, args: before()).remove)
+            handle = module.register_forward_hook(lambda m, args, output: after(name, output))
+            self._undo.append(handle.remove)
+            return
+        state = vars(module)
+        own = state.get("forward", _MISSING)
+        forward = module.forward
+        if before is None:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return after(name, forward(*args, **kwargs))
+
+        else:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                before()
+                return after(name, forward(*args, **kwargs))
+
+        state["forward"] = wrapper
+
+        def undo() -> None:
+            if state.get("forward") is wrapper:
+                if own is _MISSING:
+                    del state["forward"]
+                else:
+                    state["forward"] = own
+
+        self._undo.append(undo)
+
+
+def _tapped_modules(
+    model: nn.Module, prefix: str, keep: nn.Module | None = None
+) -> tuple[list[tuple[str, nn.Module]], bool]:
+    """Every module of ``model`` but the model itself and ``nn.Identity`` placeholders (which hand
+    their input on and produce nothing) unless it is ``keep``, named as ``prism()`` names them (with
+    ``prefix``); and whether they need hooks instead of forward wrappers."""
+    modules = [
+        (prefix + name, module)
+        for name, module in model.named_modules()
+        if module is not model and (type(module) is not nn.Identity or module is keep)
+    ]
+    hooks = bool(_global_forward_hooks) or any(isinstance(m, DataParallel) for _, m in modules)
+    return modules, hooks
+
+
+def _scales_like_image(hw: tuple[int, int], image_hw: tuple[int, int]) -> bool:
+    """Whether ``hw`` shrinks in proportion to the image's ``H×W`` (within a factor of two), as a
+    feature map's does and a channels-last ``(N, h, w, C)`` tensor's last two dims do not."""
+    scale_h, scale_w = hw[0] / image_hw[0], hw[1] / image_hw[1]
+    return max(scale_h, scale_w) <= 2 * min(scale_h, scale_w)
+
+
+def _is_candidate(output: Any, image_hw: tuple[int, int]) -> bool:
+    """Whether a module's output may be the final feature map: a floating 4-D tensor whose ``h×w`` is
+    larger than 1×1 and shrinks in proportion to the image's."""
+    if not isinstance(output, Tensor) or output.ndim != 4 or not output.is_floating_point():
+        return False
+    hw = (output.shape[2], output.shape[3])
+    return hw[0] * hw[1] > 1 and _scales_like_image(hw, image_hw)
+
+
+def _grad_on(*args: Any) -> None:
+    """Switch gradients on if the model switched them off."""
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+
+
+def _grad_on_after(name: str, output: Any) -> Any:
+    _grad_on()
+    return output
+
+
+class _LayerTap:
+    """Finds Grad-CAM's layer in one forward and makes its output the root of the graph to the score.
+
+    Without a named layer, every candidate for the final feature map (the output of a module, other
+    than the model and ``nn.Identity``, that is a floating 4-D tensor whose ``h×w`` is larger than
+    1×1 and shrinks in proportion to the image, the rule of
+    :class:`~lightning_prism.recording.FeatureRecorder`) is replaced by a graph root
+    (:class:`_GraphRoot`); the last one is the final feature map. The graph of the layers before a
+    candidate is therefore never kept beyond it, and the graph from the final map to the score is
+    the head's. With a named layer, the candidates are cut until that layer's (last) output, then
+    nothing but the layer itself: a cut after it would sever its path to the score.
+
+    After the output that may be Grad-CAM's, every module call switches gradients on if the model
+    switched them off (``with torch.no_grad(): features = self.backbone(x)`` in a forward), so the
+    head is differentiated whatever the model's own grad mode.
+    """
+
+    def __init__(self, image_hw: tuple[int, int], layer_name: str | None) -> None:
+        self.image_hw = image_hw
+        self.layer_name = layer_name
+        self.name: str | None = None
+        self.activation: Any = None  # the layer's (last) output, a graph root when a tensor
+        self.seen = False  # the named layer has run: cut no other module from now on
+
+    def after(self, name: str, output: Any) -> Any:
+        if name == self.layer_name:
+            self.seen = True
+            if isinstance(output, Tensor) and output.is_floating_point():
+                output = _graph_root(output)
+            self.name, self.activation = name, output
+        elif not self.seen and _is_candidate(output, self.image_hw):
+            output = _graph_root(output)
+            if self.layer_name is None:
+                self.name, self.activation = name, output
+        if self.name is not None:
+            _grad_on()
+        return output
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside ``nn.DataParallel``/``DistributedDataParallel`` wrappers, and the prefix of
+    its names in the wrapper's. A DDP wrapper's forward may broadcast buffers (a collective that every
+    rank must join) and prepares its reducer for a backward of the parameters, which Grad-CAM and
+    saliency never run."""
+    prefix = ""
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model, prefix = model.module, prefix + "module."
+    return model, prefix
+
+
+@contextmanager
+def _differentiable_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode, gradients on and inference mode off for the body; every ``training`` flag, the grad
+    mode and the inference mode restored afterwards (the caller's autocast state is kept)."""
+    modules = list(model.modules())
+    training = [module.training for module in modules]
+    try:
+        if any(training):
+            model.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for module, flag in zip(modules, training, strict=True):
+            if module.training != flag:
+                module.training = flag
+
+
+@contextmanager
+def _guided_relus(model: nn.Module) -> Iterator[int]:
+    """Every ``nn.ReLU`` of ``model`` runs :class:`_GuidedReLU` for the body (its ``forward``
+    attribute replaced, then restored); yields how many there are."""
+    undo: list[tuple[dict[str, Any], Any, Any]] = []
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.ReLU):
+                state = vars(module)
+
+                def guided(x: Tensor, inplace: bool = module.inplace) -> Tensor:
+                    return _GuidedReLU.apply(x, inplace)
+
+                undo.append((state, state.get("forward", _MISSING), guided))
+                state["forward"] = guided
+        yield len(undo)
+    finally:
+        for state, own, guided in reversed(undo):
+            if state.get("forward") is guided:
+                if own is _MISSING:
+                    del state["forward"]
+                else:
+                    state["forward"] = own
+
+
+def _saliency_forward(model: nn.Module, x: Tensor) -> Any:
+    """The model's output for ``x``, a leaf that requires grad.
+
+    On the CPU the forward takes a channels-last copy of ``x``, so that the whole forward and the
+    backward to the input run in that layout (faster there); elsewhere, or when the model's forward
+    rejects channels-last input (a ``view`` of it, say), ``x`` in its own layout. Never the leaf
+    itself, which the model might modify in place.
+    """
+    if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
+        try:
+            return model(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:
+            pass
+    return model(_GraphRoot.apply(x))
+
+
+# ---------------------------------------------------------------------------------- arguments
+def _check_inputs(model: Any, images: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = f"a {images.dtype} tensor" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"images must be a floating-point tensor, got {kind}")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+
+
+def _check_targets(targets: Any, n: int, device: torch.device) -> Tensor | None:
+    """``targets`` as an ``(N,)`` long tensor on ``device`` (``None`` stays ``None``).
+
+    Raises:
+        TypeError: for anything but an int, a sequence of ints or an integer tensor.
+        ValueError: for the wrong length or a negative class.
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, bool) or (isinstance(targets, Tensor) and targets.dtype == torch.bool):
+        raise TypeError(f"targets must be class indices (int, sequence or integer tensor), got {targets!r}")
+    if isinstance(targets, Tensor):
+        value = targets.detach()
+    else:
+        try:
+            value = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"targets must be class indices (int, sequence or integer tensor), got {targets!r}"
+            ) from error
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"targets must be integer class indices, got a {value.dtype} value: {targets!r}")
+    if value.ndim == 0:
+        value = value.expand(n)
+    if value.ndim != 1 or value.shape[0] != n:
+        raise ValueError(f"targets must hold one class per image ({n}), got shape {tuple(value.shape)}")
+    if bool((value < 0).any()):
+        raise ValueError(f"targets must be class indices >= 0, got {value.tolist()}")
+    return value.to(device=device, dtype=torch.long)
+
+
+def _scores(output: Any) -> Tensor:
+    """The ``(N, K)`` class scores in a model's output: a tensor, or the ``logits`` of a Hugging Face
+    output or mapping, or the first tensor of a tuple."""
+    scores = output
+    if not isinstance(scores, Tensor):
+        scores = getattr(output, "logits", None)
+        if scores is None and isinstance(output, dict):
+            scores = output.get("logits")
+        if scores is None and isinstance(output, (tuple, list)):
+            scores = next((item for item in output if isinstance(item, Tensor)), None)
+    if not isinstance(scores, Tensor) or scores.ndim != 2:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(output).__name__
+        raise ValueError(f"the model must return (N, num_classes) class scores (logits), got {shape}")
+    return scores
+
+
+def _class_scores(scores: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(y, targets)``: the sum over the batch of each image's score of its class (so one backward
+    gives every image's gradient), and the classes (the predicted ones when ``targets`` is None)."""
+    k = scores.shape[1]
+    if targets is None:
+        targets = scores.detach().argmax(dim=1)
+    elif bool((targets >= k).any()):
+        raise ValueError(
+            f"targets must be class indices below {k} (the model's classes), got {targets.tolist()}"
+        )
+    targets = targets.to(scores.device)
+    chosen = scores.gather(1, targets[:, None])
+    finite = torch.isfinite(chosen.detach()[:, 0])
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[:, 0].tolist()
+        raise ValueError(f"the model's scores of the target classes are not finite (images {bad})")
+    return chosen.sum(), targets
+
+
+def _input(images: Tensor) -> Tensor:
+    """The images as a tensor autograd can use: detached from the caller's graph, and a normal
+    tensor (not an inference tensor, which cannot be saved for backward)."""
+    return images.clone() if images.is_inference() else images.detach()
+
+
+# -------------------------------------------------------------------------------------- grad-cam
+def grad_cam(
+    model: nn.Module, images: Tensor, targets: Any = None, layer: str | None = None
+) -> GradCAMResult:
+    """Grad-CAM (Selvaraju et al.) of a batch, for about the cost of one forward pass.
+
+    ``cams = ReLU(sum_k alpha_k A_k)`` with ``A`` the output of ``layer`` and ``alpha_k`` the spatial
+    mean of ``d y_c / d A_k``, ``y_c`` the model's score (logit) of class ``c``. The forward runs in
+    eval mode and builds no autograd graph of the layers before ``A`` (see the module docstring), so
+    the backward runs through the head only. Every module's ``training`` flag, the grad mode, every
+    ``requires_grad`` and ``.grad`` are left as found (parameters get no gradient); the wrappers or
+    hooks of the forward are removed on every path. Works under ``torch.no_grad()``,
+    ``torch.inference_mode()`` and autocast (the forward in the caller's precision, the maths in
+    float32), with frozen parameters, and for models that run their backbone under
+    ``torch.no_grad()``. A model inside ``nn.DataParallel`` or ``DistributedDataParallel`` runs
+    without the wrapper. For a network ending in global average pooling and a linear layer, ``cams``
+    is CAM (Zhou et al.) up to the positive factor ``1 / (h·w)``.
+
+    Args:
+        model: a network returning ``(N, K)`` class scores (a tensor, or an output with ``logits``).
+        images: ``(N, C, H, W)`` floating batch on the model's device.
+        targets: the class of every image: an int, a sequence or an integer tensor of ``N``; ``None``
+            takes the model's prediction (argmax of the scores).
+        layer: name of the module whose output is ``A``, as in ``model.named_modules()``; by default
+            the final feature map that :func:`~lightning_prism.prism` uses: the output of the last
+            module, in order of completion, that produces a 4-D map larger than 1×1 (for a module that
+            runs more than once, its last output). ``A`` is that output as it is after the forward,
+            including in-place operations applied to it later (DenseNet's final ReLU), and the
+            gradient is taken with respect to that value.
+
+    Returns:
+        :class:`GradCAMResult`.
+
+    Raises:
+        TypeError: if ``model`` is not a module, ``images`` not a floating tensor, ``targets`` not
+            class indices or ``layer`` not a string.
+        ValueError: for images that are not a non-empty 4-D batch; ``targets`` of the wrong length,
+            negative or beyond the model's classes; a ``layer`` that is not a module of the model
+            (listing the nearest names), did not run, produced no 4-D tensor or does not lead to the
+            score; scores that are not ``(N, K)``; a model without a spatial feature map; a feature
+            map or gradient that is not finite.
+
+    Example::
+
+        >>> import torchvision
+        >>> r = grad_cam(torchvision.models.resnet18(num_classes=10), torch.rand(2, 3, 64, 64), targets=3)
+        >>> r.maps.shape, r.cams.shape, r.layer, r.targets.tolist()
+        (torch.Size([2, 1, 64, 64]), torch.Size([2, 1, 2, 2]), 'layer4', [3, 3])
+    """
+    _check_inputs(model, images)
+    target_classes = _check_targets(targets, images.shape[0], images.device)
+    layer_module = resolve_module(model, layer)[0] if layer is not None else None
+    inner, prefix = _unwrap(model)
+    modules, hooks = _tapped_modules(inner, prefix, keep=layer_module)
+    tap = _LayerTap(tuple(images.shape[-2:]), layer)
+    with _differentiable_eval(inner):
+        with _ForwardTap(modules, tap.after, hooks=hooks):
+            output = inner(_input(images))
+        scores = _scores(output)
+        if tap.name is None:
+            if layer is not None:
+                raise ValueError(f"layer {layer!r} did not run in the forward pass")
+            raise ValueError(
+                f"no module of {type(inner).__name__} produced a 4-D feature map larger than 1×1; "
+                "pass layer= to choose one"
+            )
+        activation = tap.activation
+        if not isinstance(activation, Tensor) or activation.ndim != 4:
+            shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
+            raise ValueError(
+                f"layer {tap.name!r} produced {shape}; Grad-CAM needs an (N, C, h, w) feature map"
+            )
+        y, target_classes = _class_scores(scores, target_classes)
+        (gradient,) = torch.autograd.grad(y, activation, allow_unused=True)
+    if gradient is None:
+        raise ValueError(f"the class scores do not depend on the output of layer {tap.name!r}")
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        a, g = _feature_map(activation, gradient, tap.name)
+        cams, alpha = cam(a, g)
+        if not bool(torch.isfinite(cams).all()):
+            raise ValueError(f"the feature map of layer {tap.name!r} or its gradient is not finite")
+        maps = normalise_maps(cams, tuple(images.shape[-2:]))
+    return GradCAMResult(
+        maps=maps.to(images.device),
+        cams=cams.to(images.device),
+        alpha=alpha,
+        targets=target_classes.to(images.device),
+        layer=tap.name,
+        output=scores.detach(),
+    )
+
+
+# -------------------------------------------------------------------------------------- saliency
+def saliency(model: nn.Module, images: Tensor, targets: Any = None, guided: bool = False) -> SaliencyResult:
+    """Vanilla saliency (Simonyan et al.) or guided backpropagation (Springenberg et al.) of a batch.
+
+    ``gradients = d y_c / d x``, the gradient of the model's score (logit) of class ``c`` with respect
+    to the input pixels, from one forward and one backward to the input (no parameter gradient is
+    computed); ``maps`` is its maximum absolute value over the input channels, normalised per image.
+    With ``guided=True`` the backward of every module that is an ``nn.ReLU`` (or a subclass), in-place
+    or not, passes only positive gradients, and only where its input was positive. Functional
+    rectifiers in a forward (``F.relu``, ``torch.relu``, ``Tensor.relu_``, such as DenseNet's last
+    one) and other activation modules (``nn.ReLU6``, ``nn.LeakyReLU``, ``nn.GELU``, ``nn.SiLU``, …)
+    backpropagate as usual; a model without any ``nn.ReLU`` gets a warning, since its guided
+    gradient is the vanilla one.
+
+    Runs in eval mode; every ``training`` flag, the grad mode, every ``requires_grad`` and ``.grad``
+    are left as found; the wrappers are removed on every path. Works under ``torch.no_grad()``,
+    ``torch.inference_mode()`` and autocast (the forward in the caller's precision, the maths in
+    float32), with frozen parameters, and for models that run their backbone under
+    ``torch.no_grad()`` (every module call switches gradients back on). A model inside
+    ``nn.DataParallel`` or ``DistributedDataParallel`` runs without the wrapper.
+
+    Args:
+        model: a network returning ``(N, K)`` class scores (a tensor, or an output with ``logits``).
+        images: ``(N, C, H, W)`` floating batch on the model's device.
+        targets: the class of every image: an int, a sequence or an integer tensor of ``N``; ``None``
+            takes the model's prediction.
+        guided: guided backpropagation instead of the plain gradient.
+
+    Returns:
+        :class:`SaliencyResult`.
+
+    Raises:
+        TypeError: if ``model`` is not a module, ``images`` not a floating tensor or ``targets`` not
+            class indices.
+        ValueError: for images that are not a non-empty 4-D batch; ``targets`` of the wrong length,
+            negative or beyond the model's classes; scores that are not ``(N, K)`` or do not depend
+            on the input; a gradient that is not finite.
+
+    Example::
+
+        >>> import torchvision
+        >>> s = saliency(torchvision.models.resnet18(num_classes=10), torch.rand(2, 3, 64, 64), guided=True)
+        >>> s.maps.shape, s.gradients.shape, s.targets.shape
+        (torch.Size([2, 1, 64, 64]), torch.Size([2, 3, 64, 64]), torch.Size([2]))
+    """
+    _check_inputs(model, images)
+    if not isinstance(guided, bool):
+        raise TypeError(f"guided must be a bool, got {guided!r}")
+    target_classes = _check_targets(targets, images.shape[0], images.device)
+    inner, prefix = _unwrap(model)
+    modules, hooks = _tapped_modules(inner, prefix)
+
+    guide = _guided_relus(inner) if guided else nullcontext(-1)
+    with _differentiable_eval(inner), guide as relus:
+        if guided and relus == 0:
+            warnings.warn(
+                f"{type(inner).__name__} has no nn.ReLU module, so its guided backpropagation is the plain "
+                "gradient (functional ReLUs and other activations are not modified)",
+                UserWarning,
+                stacklevel=2,
+            )
+        x = _input(images).requires_grad_()
+        with _ForwardTap(modules, _grad_on_after, _grad_on, hooks=hooks):
+            output = _saliency_forward(inner, x)
+        scores = _scores(output)
+        y, target_classes = _class_scores(scores, target_classes)
+        if not y.requires_grad:
+            raise ValueError("the class scores do not depend on the input through autograd")
+        (gradient,) = torch.autograd.grad(y, x)
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        gradients = gradient.to(torch.float32).contiguous()
+        if not bool(torch.isfinite(gradients).all()):
+            raise ValueError("the gradient of the class scores with respect to the input is not finite")
+        maps = normalise_maps(gradients.abs().amax(dim=1, keepdim=True))
+    return SaliencyResult(
+        maps=maps, gradients=gradients, targets=target_classes.to(images.device), output=scores.detach()
+    )
