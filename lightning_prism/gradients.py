@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,6 +385,15 @@ def _differentiable_eval(model: nn.Module) -> Iterator[None]:
                 module.training = flag
 
 
+def _maths(device: torch.device) -> Any:
+    """The context of the maths after the backward: no gradients, no autocast (float32), and no
+    inference mode, so that the results are normal tensors whatever the caller's mode."""
+    stack = ExitStack()
+    for context in (torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False)):
+        stack.enter_context(context)
+    return stack
+
+
 @contextmanager
 def _guided_relus(model: nn.Module) -> Iterator[int]:
     """Every ``nn.ReLU`` of ``model`` runs :class:`_GuidedReLU` for the body (its ``forward``
@@ -495,6 +504,8 @@ def _class_scores(scores: Tensor, targets: Tensor | None) -> tuple[Tensor, Tenso
             f"targets must be class indices below {k} (the model's classes), got {targets.tolist()}"
         )
     targets = targets.to(scores.device)
+    if targets.is_inference():  # given under inference mode: autograd cannot save it as the gather's index
+        targets = targets.clone()
     chosen = scores.gather(1, targets[:, None])
     finite = torch.isfinite(chosen.detach()[:, 0])
     if not bool(finite.all()):
@@ -585,7 +596,7 @@ def grad_cam(
         (gradient,) = torch.autograd.grad(y, activation, allow_unused=True)
     if gradient is None:
         raise ValueError(f"the class scores do not depend on the output of layer {tap.name!r}")
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+    with _maths(images.device):
         a, g = _feature_map(activation, gradient, tap.name)
         cams, alpha = cam(a, g)
         if not bool(torch.isfinite(cams).all()):
@@ -670,7 +681,7 @@ def saliency(model: nn.Module, images: Tensor, targets: Any = None, guided: bool
         if not y.requires_grad:
             raise ValueError("the class scores do not depend on the input through autograd")
         (gradient,) = torch.autograd.grad(y, x)
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+    with _maths(images.device):
         gradients = gradient.to(torch.float32).contiguous()
         if not bool(torch.isfinite(gradients).all()):
             raise ValueError("the gradient of the class scores with respect to the input is not finite")

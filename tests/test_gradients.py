@@ -432,15 +432,17 @@ def test_hooks_removed_and_state_restored_after_an_exception(method):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_under_no_grad_inference_mode_and_autocast(method, seeded):
     model, images, run = tiny_cnn(), torch.rand(2, 3, 32, 32), METHODS[method]
-    expected = values(run(model, images))
+    first = run(model, images)
+    expected = values(first)
     with torch.no_grad():
         torch.testing.assert_close(values(run(model, images)), expected)
         assert not torch.is_grad_enabled()
     with torch.inference_mode():
-        inference_images = images.clone()  # an inference tensor, as Lightning's validate() hands out
-        result = run(model, inference_images)
+        inference_images = images.clone()  # inference tensors, as Lightning's validate() hands out
+        result = run(model, inference_images, targets=first.targets.clone())
         assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
     torch.testing.assert_close(values(result), expected)
+    assert not any(t.is_inference() for t in (values(result), result.maps, result.targets, result.output))
     assert_valid_maps(result.maps, (2, 1, 32, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run(model, images)
