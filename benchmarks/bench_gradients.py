@@ -18,9 +18,11 @@ on a shared machine hits them alike. Targets (issue #15): ``grad_cam()`` ≤ 1.1
 * with ``--layouts``, ``saliency NCHW``: ``saliency()`` with its channels-last copy of the input
   switched off, for the A/B of the layout.
 
-Then the peak memory (resident-set high-water mark) of each, one call in a fresh process whose
-high-water mark is reset just before it (median of ``--memory-runs`` processes), and the size of the
-final feature map that Grad-CAM differentiates (what the head's graph holds).
+Then the peak memory of each: the peak of the bytes held by torch tensors during one call (from the
+profiler's memory events: exact, but blind to NumPy, which pytorch-grad-cam uses for its maths), and
+the resident-set high-water mark of one call in a fresh process whose high-water mark is reset just
+before it (median of ``--memory-runs`` processes; it scatters by tens of MB with the allocator);
+and the size of the final feature map that Grad-CAM differentiates (what the head's graph holds).
 
 ``--keep-heap`` makes glibc keep freed memory for the timed runs (see ``bench_prism.py``): the regime
 without page faults, in which a forward is fastest and fixed costs weigh most.
@@ -105,8 +107,9 @@ def peak_memory_probe(name: str, batch: int, method: str) -> None:
     model, images = build(name), torch.rand(batch, 3, 224, 224)
     with torch.no_grad():
         targets = model(images).argmax(1)
+    call = methods(name, model, targets[:1], layouts=True)[method]
+    call(model, images[:1])  # allocator, kernels and the method's own code paths warmed on one image
     call = methods(name, model, targets, layouts=True)[method]
-    plain(model, images[:1])  # allocator and kernels warmed on a single image
     rss = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the resident-set high-water mark (Linux)
@@ -115,6 +118,27 @@ def peak_memory_probe(name: str, batch: int, method: str) -> None:
         line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")
     )
     print(json.dumps({"peak": int(hwm.split()[1]) * 1024 - rss}))
+
+
+def peak_tensor_memory(call: Callable, model: nn.Module, images: torch.Tensor) -> int:
+    """Peak of the bytes held by torch tensors during one call, from the profiler's memory events
+    (allocations attributed to the operators that make them, frees as they happen, in time order):
+    exact for torch's allocations and free of the allocator's noise, blind to NumPy's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            call(model, images)
+    events = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events()
+    )
+    held = peak = 0
+    for _, delta in events:
+        held += delta
+        peak = max(peak, held)
+    return peak
 
 
 def measure_peak(name: str, batch: int, method: str, runs: int) -> int:
@@ -176,9 +200,11 @@ def main() -> None:
             f"Grad-CAM layer {final.layer!r}, final feature map {map_bytes / mb:.1f} MB\n"
         )
         print(
-            "| method | time (s) | ratio to plain forward | peak memory (MB) | extra peak over plain (MB) |"
+            "| method | time (s) | ratio to plain forward | peak tensor memory (MB) | extra over plain (MB) "
+            "| peak RSS (MB) | extra over plain (MB) |"
         )
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
+        tensors = {key: peak_tensor_memory(call, model, images) for key, call in calls.items()}
         peaks = (
             {key: measure_peak(name, args.batch, key, args.memory_runs) for key in calls}
             if args.memory_runs
@@ -186,10 +212,12 @@ def main() -> None:
         )
         for key in calls:
             ratio = statistics.median(b / a for a, b in zip(times["plain"], times[key], strict=True))
-            memory = (
-                f"{peaks[key] / mb:.0f} | {(peaks[key] - peaks['plain']) / mb:+.0f}" if peaks else "- | -"
+            tensor = f"{tensors[key] / mb:.1f} | {(tensors[key] - tensors['plain']) / mb:+.1f}"
+            rss = f"{peaks[key] / mb:.0f} | {(peaks[key] - peaks['plain']) / mb:+.0f}" if peaks else "- | -"
+            print(
+                f"| {key} | {statistics.median(times[key]):.3f} | {ratio:.3f} | {tensor} | {rss} |",
+                flush=True,
             )
-            print(f"| {key} | {statistics.median(times[key]):.3f} | {ratio:.3f} | {memory} |", flush=True)
         print()
 
 

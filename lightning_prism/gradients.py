@@ -194,7 +194,8 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
-        return torch.where(out > 0, grad, 0).clamp_(min=0), None
+        # ReLU's own backward (the gradient where out > 0), then only its positive part
+        return torch.ops.aten.threshold_backward(grad, out, 0).clamp_(min=0), None
 
 
 class _ForwardTap:

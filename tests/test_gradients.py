@@ -273,6 +273,58 @@ def test_the_forward_keeps_no_graph_of_the_layers_before_the_feature_map(layer, 
     assert {(32, 32), (16, 16)} <= at_head[2] and {(32, 32), (16, 16)} <= at_head[3]
 
 
+class AvgPoolHead(nn.Module):
+    """Its head pools the 8×8 map to 1×1 with an nn.AvgPool2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = tiny_cnn()[:8]
+        self.pool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class PooledGate(nn.Module):
+    """Before its final map, a gate pools a map to 1×1 with an nn.AvgPool2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = nn.AvgPool2d(16)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.body(x * torch.sigmoid(self.gate(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def forwards_of(model: nn.Module, images: torch.Tensor, **kwargs):
+    forwards: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: forwards.append(1))
+    try:
+        return grad_cam(model, images, **kwargs), len(forwards)
+    finally:
+        handle.remove()
+
+
+def test_one_forward_whatever_pools_the_map(seeded):
+    assert forwards_of(PooledGate().eval(), torch.rand(2, 3, 16, 16))[1] == 1  # a 1×1 pooling before the map
+    model, images = AvgPoolHead().eval(), torch.rand(2, 3, 32, 32)
+    result, forwards = forwards_of(model, images, targets=[0, 2])
+    net = float64_copy(model)
+    with torch.no_grad():
+        a = net.features(images.double())
+    alpha, cams, _ = reference_grad_cam(lambda a: net.fc(net.pool(a).flatten(1)), a, [0, 2], (32, 32))
+    assert result.layer == "features" and forwards == 1
+    torch.testing.assert_close(result.alpha.double(), alpha, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.cams.double(), cams, rtol=1e-4, atol=1e-6)
+    assert hook_count(model) == 0
+
+
 # -------------------------------------------------------------------------------- saliency maths
 class MixedActivations(nn.Module):
     """An in-place nn.ReLU used twice, a functional ReLU and a ReLU6."""
