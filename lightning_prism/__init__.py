@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .callback import PRISMMonitor
 from .engine import PRISMResult, prism
+from .gradients import GradCAMResult, SaliencyResult, grad_cam, prism_and_grad_cam, saliency
 from .separation import class_separation
 
 try:
@@ -11,4 +12,15 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["PRISMMonitor", "PRISMResult", "__version__", "class_separation", "prism"]
+__all__ = [
+    "GradCAMResult",
+    "PRISMMonitor",
+    "PRISMResult",
+    "SaliencyResult",
+    "__version__",
+    "class_separation",
+    "grad_cam",
+    "prism",
+    "prism_and_grad_cam",
+    "saliency",
+]

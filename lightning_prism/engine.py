@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .extrapolation import gradual_extrapolation, rgb_and_informative, unit_scale
 from .layout import FeatureLayout
 from .pca import align_components, explained_variance, principal_components, project
-from .recording import record
+from .recording import Recording, record
 
 __all__ = ["BASES", "BasisMismatchError", "PRISMResult", "prism"]
 
@@ -147,9 +147,35 @@ def prism(
     recording = record(
         model, images, final_layer=final_layer, stage_layers=stage_layers, inference_mode=inference_mode
     )
+    return from_recording(
+        recording, tuple(images.shape[-2:]), extrapolate=extrapolate, basis=basis, reference=reference
+    )
 
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-        final = recording.final
+
+def from_recording(
+    recording: Recording,
+    image_size: tuple[int, int],
+    *,
+    extrapolate: bool = True,
+    basis: Basis = "aligned",
+    reference: Tensor | None = None,
+) -> PRISMResult:
+    """PRISM's maths on a recorded forward: what :func:`prism` does after its forward pass.
+
+    Args:
+        recording: a forward's :class:`~lightning_prism.recording.Recording`.
+        image_size: ``(H, W)`` of the images, the size of the extrapolated maps.
+        extrapolate, basis, reference: as for :func:`prism`.
+
+    Returns:
+        :class:`PRISMResult` (its ``final`` detached from any autograd graph).
+
+    Raises:
+        ValueError: for a final feature map that is not finite.
+        BasisMismatchError: (a ``ValueError``) for a ``reference`` of the wrong shape.
+    """
+    with torch.no_grad(), torch.autocast(recording.final.device.type, enabled=False):
+        final = recording.final.detach()
         try:
             pcs = principal_components(final, NUM_COMPONENTS)
         except ValueError as error:  # a 4-D map and three components: only a map that is not finite
@@ -174,7 +200,7 @@ def prism(
         colour_variance = features.square().sum(dim=(0, 2, 3)) / total
         usable = components.norm(dim=0) > 0
         if extrapolate:
-            maps = gradual_extrapolation(features, recording.stage_maps, tuple(images.shape[-2:]))
+            maps = gradual_extrapolation(features, recording.stage_maps, image_size)
         else:
             maps = unit_scale(features)
         rgb, informative = rgb_and_informative(maps, usable, inplace=True)  # a fresh tensor: reuse it
@@ -189,7 +215,7 @@ def prism(
             "Check that the images differ and the model is not degenerate, or pass final_layer= to choose "
             "another layer.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return PRISMResult(
         maps=rgb,

@@ -40,6 +40,7 @@ def stage_map(activation: Tensor) -> Tensor:
         >>> stage_map(torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]]))
         tensor([[[[2., 1.]]]])
     """
+    activation = activation.detach()  # a statistic for display: no autograd graph kept of it
     dtype = torch.float64 if activation.dtype == torch.float64 else torch.float32
     n = activation.shape[0]
     rows = max(1, STAGE_MAP_CHUNK // max(1, activation[:1].numel()))

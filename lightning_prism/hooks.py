@@ -28,8 +28,9 @@ __all__ = ["ModuleTaps", "OnEnter", "OnExit", "wrappers_allowed"]
 #: ``on_enter(module, args)``: called as a module's forward starts; ``args`` are its positional
 #: arguments (its keyword arguments' values if it got none).
 OnEnter = Callable[[nn.Module, tuple[Any, ...]], None]
-#: ``on_exit(module, args, output)``: called after the forward returned ``output``.
-OnExit = Callable[[nn.Module, tuple[Any, ...], Any], None]
+#: ``on_exit(module, args, output)``: called after the forward returned ``output``; like a forward
+#: hook, it returns ``None`` or a replacement for the output that flows on.
+OnExit = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 
 _MISSING = object()
 
@@ -53,8 +54,8 @@ class _ForwardWrapper:
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 output = forward(*args, **kwargs)
-                on_exit(module, args or tuple(kwargs.values()), output)
-                return output
+                replaced = on_exit(module, args or tuple(kwargs.values()), output)
+                return output if replaced is None else replaced
 
         else:
 
@@ -62,8 +63,8 @@ class _ForwardWrapper:
                 inputs = args or tuple(kwargs.values())
                 on_enter(module, inputs)
                 output = forward(*args, **kwargs)
-                on_exit(module, inputs, output)
-                return output
+                replaced = on_exit(module, inputs, output)
+                return output if replaced is None else replaced
 
         self.wrapper = wrapper
         state["forward"] = wrapper

@@ -102,6 +102,8 @@ class Recording:
         stage_maps: ``(N, 1, h_i, w_i)`` float32 maps ``mean_c |A|``, in execution order.
         stage_layers: names of the stages, same order.
         output: the model's own output for the batch.
+        source: the final layer's tensor itself, as the forward produced it (``final`` is read from
+            it through ``final_layout``); what a gradient with respect to the final map is taken of.
     """
 
     final: Tensor
@@ -110,6 +112,7 @@ class Recording:
     stage_maps: list[Tensor]
     stage_layers: list[str]
     output: Any = None
+    source: Tensor | None = None
 
 
 def resolve_module(model: nn.Module, name: str, *, allow_input: bool = False) -> tuple[nn.Module, bool]:
@@ -634,7 +637,9 @@ class FeatureRecorder:
             ordered_candidates = sorted(chosen.values(), key=lambda c: c.start)
             stage_layers = [c.name for c in ordered_candidates]
             stage_maps = [c.map for c in ordered_candidates]  # type: ignore[misc]
-        return Recording(layout.to_nchw(final), final_layer, layout, stage_maps, stage_layers, self._output)
+        return Recording(
+            layout.to_nchw(final), final_layer, layout, stage_maps, stage_layers, self._output, source=final
+        )
 
     def _final_map(self) -> tuple[str, Tensor, FeatureLayout]:
         name = type(self.model).__name__
