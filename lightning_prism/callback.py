@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .engine import BASES, BasisMismatchError, PRISMResult, prism
+from .gradients import grad_cam, prism_and_grad_cam, saliency
 from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
@@ -32,10 +33,12 @@ from .render import (
     caption_grid,
     denormalize,
     display_tiles,
+    heatmap,
     load_font,
     missing_glyphs,
     overlay,
     to_uint8,
+    views_grid,
     with_invalid_tiles,
 )
 from .separation import class_separation
@@ -58,6 +61,14 @@ SCALARS = (
     "class_separation",
 )
 #: A tag prefix: ``/``-separated words of letters, digits, ``_`` and ``-`` (a valid key everywhere).
+#: The views the monitor can log, with the name under which each is shown.
+VIEWS: dict[str, str] = {
+    "prism": "PRISM",
+    "grad_cam": "Grad-CAM",
+    "saliency": "saliency",
+    "guided_saliency": "guided saliency",
+}
+TARGETS = ("prediction", "label")
 PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 
 
@@ -132,9 +143,17 @@ class PRISMMonitorBase:
       W&B, MLflow): ``<prefix>/maps`` and ``<prefix>/overlay``, grids with each image's true label
       and the model's prediction underneath (a wrong prediction in red), and ``<prefix>/inputs``,
       the de-normalised probe (once per run and logger). Any other logger gets one warning;
+    * with ``views`` beyond ``"prism"``, the gradient views of the same probe at the same step:
+      ``<prefix>/grad_cam`` (:func:`~lightning_prism.grad_cam` of the class ``target`` names, at
+      PRISM's final feature map, from PRISM's own forward), ``<prefix>/saliency`` and
+      ``<prefix>/guided_saliency`` (:func:`~lightning_prism.saliency`), each a jet-coloured heatmap
+      over the input with the same captions; with two views or more, ``<prefix>/views``, one row per
+      probe image: the input, then every view side by side. They run on the LightningModule itself
+      (never the DDP wrapper), with gradients switched on for the probe only: no parameter gets a
+      gradient, and the optimiser, gradient accumulation and DDP's gradient sync never see them;
     * at the end of ``fit``, ``<prefix>_evolution.png``, stored with every logger's run that keeps
       files (TensorBoard's and CSV's log directory, W&B run files, MLflow artifacts; never the
-      working directory): the probe, then one row of overlays per logged epoch, at most
+      working directory): the probe, then one row of ``evolution_view`` overlays per logged epoch, at most
       ``evolution_rows`` rows spread evenly over the whole run (also across a resume: the rows are
       saved in checkpoints).
 
@@ -179,11 +198,20 @@ class PRISMMonitorBase:
             logged epochs are always shown).
         font: path of a TrueType/OpenType font for captions and labels, for class names in a
             script the bundled DejaVu Sans Bold lacks (such as Chinese); ``None`` for the bundled font.
+        views: what to log every epoch, one or more of ``"prism"``, ``"grad_cam"``, ``"saliency"``
+            and ``"guided_saliency"``.
+        target: the class the gradient views explain: ``"prediction"`` (the model's) or ``"label"``
+            (the probe's true labels).
+        grad_cam_layer: module name (relative to the LightningModule) of Grad-CAM's layer; ``None``:
+            PRISM's final feature map, computed from PRISM's own forward. For a vision transformer that
+            reads out its class token, the final map's gradient is zero (only the class token reaches
+            the head): name the last block (for timm, ``"model.blocks.11"``) or its input.
+        evolution_view: the view the evolution strip shows (one of ``views``; default the first).
         strict: raise instead of warning when PRISM fails at run time.
 
     Raises:
         ValueError: for an invalid argument (the message names the valid choices); at ``setup``, for
-            a ``module``, ``final_layer`` or ``stage_layers`` name that the LightningModule does not
+            a ``module``, ``final_layer``, ``stage_layers`` or ``grad_cam_layer`` name that the LightningModule does not
             have (listing the nearest names), or a layer outside ``module``.
         MisconfigurationException: at ``setup`` of ``fit`` or ``validate`` with
             ``Trainer(logger=False)`` (``test`` and ``predict`` run normally).
@@ -224,6 +252,10 @@ class PRISMMonitorBase:
         evolution_strip: bool = True,
         evolution_rows: int = 10,
         font: str | None = None,
+        views: list[str] | tuple[str, ...] = ("prism",),
+        target: str = "prediction",
+        grad_cam_layer: str | None = None,
+        evolution_view: str | None = None,
         strict: bool = False,
     ) -> None:
         _check_int("num_images", num_images, 1)
@@ -276,6 +308,21 @@ class PRISMMonitorBase:
                 ) from None
         if isinstance(stage_layers, str):
             raise ValueError(f"stage_layers must be a list of module names, got the string {stage_layers!r}")
+        choices = ", ".join(map(repr, VIEWS))
+        if isinstance(views, str) or not isinstance(views, Sequence) or not views:
+            raise ValueError(f"views must be a non-empty list of {choices}, got {views!r}")
+        unknown = [v for v in views if v not in VIEWS]
+        if unknown or len(set(views)) != len(views):
+            raise ValueError(f"views must be distinct entries of {choices}, got {list(views)!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if grad_cam_layer is not None and (not isinstance(grad_cam_layer, str) or "grad_cam" not in views):
+            raise ValueError(
+                f"grad_cam_layer must be a module name, with 'grad_cam' in views, got {grad_cam_layer!r} "
+                f"with views={list(views)!r}"
+            )
+        if evolution_view is not None and evolution_view not in views:
+            raise ValueError(f"evolution_view must be one of views {list(views)!r}, got {evolution_view!r}")
         self.num_images = len(indices) if indices is not None else num_images
         self.indices = None if indices is None else [int(i) for i in indices]
         self.every_n_epochs = every_n_epochs
@@ -295,6 +342,10 @@ class PRISMMonitorBase:
         self.evolution_strip = evolution_strip
         self.evolution_rows = evolution_rows
         self.font = font
+        self.views = list(views)
+        self.target = target
+        self.grad_cam_layer = grad_cam_layer
+        self.evolution_view = evolution_view if evolution_view is not None else self.views[0]
         self.strict = strict
 
         self._evolution = EvolutionHistory(evolution_rows)
@@ -383,7 +434,12 @@ class PRISMMonitorBase:
             )
         self._target(pl_module)
         prefix = "" if self.module is None else self.module + "."
-        for name, allow_input in [(self.final_layer, False), *((s, True) for s in self.stage_layers or [])]:
+        names = [
+            (self.final_layer, False),
+            (self.grad_cam_layer, True),
+            *((s, True) for s in self.stage_layers or []),
+        ]
+        for name, allow_input in names:
             if name is None:
                 continue
             resolve_module(pl_module, name, allow_input=allow_input)
@@ -578,14 +634,85 @@ class PRISMMonitorBase:
                 inference_mode=torch.is_inference_mode_enabled(),
             )
 
+    def _relative(self, name: str | None) -> str | None:
+        """A layer name relative to the LightningModule, made relative to the forward's module."""
+        return name if name is None or self.module is None else name[len(self.module) + 1 :]
+
+    def _targets(self, probe: Probe, finite: Tensor) -> Tensor | None:
+        """The classes the gradient views explain: ``None`` for the model's predictions."""
+        if self.target == "prediction":
+            return None
+        if probe.labels is None:
+            self._warn_once(
+                "target-label",
+                "PRISMMonitor(target='label'): the probe has no labels, so the gradient views explain the "
+                "model's predictions. Pass label_key= to name the labels in the batch.",
+            )
+            return None
+        return probe.labels[finite.cpu()].to(probe.images.device)
+
+    def _views(
+        self,
+        target: nn.Module,
+        images: Tensor,
+        trainer: pl.Trainer,
+        reference: Tensor | None,
+        classes: Tensor | None,
+    ) -> tuple[PRISMResult | None, dict[str, Tensor], Any]:
+        """Every view of the probe: PRISM's result (or ``None``), the ``(N, 1, H, W)`` maps of the
+        gradient views that succeeded, and the model's output."""
+        shared = "prism" in self.views and "grad_cam" in self.views and self.grad_cam_layer is None
+        cut = 0 if self.module is None else len(self.module) + 1
+        maps: dict[str, Tensor] = {}
+        result, output = None, None
+        with trainer.precision_plugin.forward_context():
+            if shared:
+                result, cam = prism_and_grad_cam(
+                    target,
+                    images,
+                    classes,
+                    extrapolate=self.extrapolate,
+                    final_layer=self._relative(self.final_layer),
+                    stage_layers=None if self.stage_layers is None else [s[cut:] for s in self.stage_layers],
+                    basis=self.basis,  # type: ignore[arg-type]
+                    reference=reference,
+                )
+                maps["grad_cam"], output = cam.maps, result.output
+            elif "prism" in self.views:
+                result = self._prism(target, images, trainer, reference)
+                output = result.output
+            for view in self.views:
+                if view == "prism" or view in maps:
+                    continue
+                try:
+                    if view == "grad_cam":
+                        gradient_view = grad_cam(
+                            target, images, classes, layer=self._relative(self.grad_cam_layer)
+                        )
+                    else:
+                        gradient_view = saliency(target, images, classes, guided=view == "guided_saliency")
+                except Exception as error:
+                    if self.strict:
+                        raise
+                    self._warn_once(
+                        f"view:{view}",
+                        f"PRISMMonitor could not compute the {view!r} view: {type(error).__name__}: {error}. "
+                        "The other views go on; pass strict=True to raise instead.",
+                    )
+                    continue
+                maps[view] = gradient_view.maps
+                output = gradient_view.output if output is None else output
+        return result, maps, output
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
-        """One PRISM pass on the probe; pictures logged from rank zero; the scalars returned."""
+        """One pass of every view on the probe; pictures logged from rank zero; the scalars returned."""
         target = self._target(pl_module)
         finite = probe.finite
         images = probe.images if bool(finite.all()) else probe.images[finite]
         reference = self._first if self.basis == "fixed" else self._reference
+        classes = self._targets(probe, finite) if len(self.views) > 1 or self.views[0] != "prism" else None
         try:
-            result = self._prism(target, images, trainer, reference)
+            result, maps, output = self._views(target, images, trainer, reference, classes)
         except BasisMismatchError as error:
             self._warn_once(
                 "basis-mismatch",
@@ -593,7 +720,7 @@ class PRISMMonitorBase:
                 "now, so colours and similarities are not comparable with earlier epochs.",
             )
             self._reference = self._first = None
-            result = self._prism(target, images, trainer, None)
+            result, maps, output = self._views(target, images, trainer, None, classes)
         except Exception as error:
             if not _raised_in_call_of(error, target):
                 raise
@@ -609,6 +736,10 @@ class PRISMMonitorBase:
                     else ""
                 )
             ) from error
+        if result is None:
+            if trainer.is_global_zero:
+                self._log(trainer, probe, None, maps, output)
+            return {}
         components = result.components.detach()
         scalars = {
             f"{self.prefix}/explained_variance/pc{i + 1}": float(v)
@@ -628,14 +759,14 @@ class PRISMMonitorBase:
             self._first = components.float().cpu()
         self._reference = components.float().cpu()
         if trainer.is_global_zero:
-            self._log(trainer, probe, result)
+            self._log(trainer, probe, result, maps, output)
         return scalars
 
-    def _captions(self, probe: Probe, result: PRISMResult) -> tuple[list[str] | None, list[bool] | None]:
+    def _captions(self, probe: Probe, output: Any) -> tuple[list[str] | None, list[bool] | None]:
         """One caption per probe image (``true → predicted``) and whether to mark it (wrong, or an
         invalid input left out of the PCA)."""
         finite = probe.finite.tolist()
-        logits = _logits(result.output, sum(finite))
+        logits = _logits(output, sum(finite))
         predicted = iter(logits.argmax(dim=1).tolist()) if logits is not None else None
         predictions = [next(predicted) if ok else None for ok in finite] if predicted is not None else None
         if probe.labels is None and predictions is None and all(finite):
@@ -683,16 +814,30 @@ class PRISMMonitorBase:
                     add_dataloader_idx=False, batch_size=1, sync_dist=True,
                 )  # fmt: skip
 
-    def _log(self, trainer: pl.Trainer, probe: Probe, result: PRISMResult) -> None:
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        probe: Probe,
+        result: PRISMResult | None,
+        gradient_maps: dict[str, Tensor],
+        output: Any,
+    ) -> None:
         """Pictures to every logger, and the strip's row (global rank zero only)."""
         inputs = denormalize(probe.images, self.mean, self.std)
-        maps = with_invalid_tiles(result.maps, probe.finite)
-        blended = overlay(inputs, maps, self.overlay_alpha)
-        if self.evolution_strip and trainer.state.fn == "fit":
+        # Each view as coloured tiles (invalid probe images crossed out) and blended over the inputs.
+        tiles: dict[str, Tensor] = {}
+        if result is not None:
+            tiles["prism"] = with_invalid_tiles(result.maps, probe.finite)
+        for view, view_maps in gradient_maps.items():
+            tiles[view] = with_invalid_tiles(heatmap(view_maps.to(inputs.device)), probe.finite)
+        blended = {view: overlay(inputs, t, self.overlay_alpha) for view, t in tiles.items()}
+        if self.evolution_strip and trainer.state.fn == "fit" and self.evolution_view in blended:
             probe_row = None if self._evolution.has_inputs else to_uint8(inputs)
-            self._evolution.add(f"epoch {trainer.current_epoch}", to_uint8(blended), probe_row)
+            self._evolution.add(
+                f"epoch {trainer.current_epoch}", to_uint8(blended[self.evolution_view]), probe_row
+            )
 
-        captions, wrong = self._captions(probe, result)
+        captions, wrong = self._captions(probe, output)
         truths = self._label_captions(probe)
         self._check_glyphs([*(captions or []), *(truths or [])])
 
@@ -706,10 +851,18 @@ class PRISMMonitorBase:
             notes = [f"{t} ✗" if marks and marks[i] else t for i, t in enumerate(texts)]
             return Picture(grid, to_uint8(display_tiles(tiles)), notes)
 
-        pictures = {
-            f"{self.prefix}/maps": picture(maps, captions, wrong),
-            f"{self.prefix}/overlay": picture(blended, captions, wrong),
-        }
+        pictures = {}
+        if "prism" in tiles:
+            pictures[f"{self.prefix}/maps"] = picture(tiles["prism"], captions, wrong)
+            pictures[f"{self.prefix}/overlay"] = picture(blended["prism"], captions, wrong)
+        for view in gradient_maps:
+            pictures[f"{self.prefix}/{view}"] = picture(blended[view], captions, wrong)
+        if len(self.views) > 1:
+            # PRISM's own colours side by side; the gradient views as heatmaps over the input.
+            shown = [(VIEWS[v], tiles[v] if v == "prism" else blended[v]) for v in self.views if v in tiles]
+            pictures[f"{self.prefix}/views"] = Picture(
+                views_grid(inputs, shown, captions, wrong, font=self.font)
+            )
         step = _logging_step(trainer)
         first_time = [logger for logger in trainer.loggers if logger not in self._inputs_logged_to]
         with_inputs = (

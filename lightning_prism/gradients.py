@@ -604,7 +604,11 @@ def prism_and_grad_cam(
         size = (images.shape[-2], images.shape[-1])
         cam_result = _grad_cam_of(recording, scores, target_classes, size, prefix)
     prism_result = from_recording(
-        replace(recording, output=scores.detach()), size, extrapolate=extrapolate, basis=basis, reference=reference
+        replace(recording, output=scores.detach()),
+        size,
+        extrapolate=extrapolate,
+        basis=basis,
+        reference=reference,
     )
     return prism_result, cam_result
 
@@ -667,7 +671,12 @@ def _grad_cam_of(
             raise ValueError(f"the feature map of layer {layer!r} or its gradient is not finite")
         maps = normalise_maps(cams, size)
     return GradCAMResult(
-        maps=maps, cams=cams, alpha=alpha, targets=targets.to(source.device), layer=layer, output=scores.detach()
+        maps=maps,
+        cams=cams,
+        alpha=alpha,
+        targets=targets.to(source.device),
+        layer=layer,
+        output=scores.detach(),
     )
 
 

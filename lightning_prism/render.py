@@ -33,13 +33,26 @@ __all__ = [
     "denormalize",
     "display_tiles",
     "evolution_strip",
+    "heatmap",
     "load_font",
     "missing_glyphs",
     "overlay",
     "tile_size",
     "to_uint8",
+    "views_grid",
     "with_invalid_tiles",
 ]
+
+#: The anchors of the jet colour map (position in [0, 1], then red, green, blue), the colours that
+#: Grad-CAM and saliency maps are usually shown in: dark blue for nothing, dark red for the most.
+JET = (
+    (0.0, 0.0, 0.0, 0.5),
+    (0.125, 0.0, 0.0, 1.0),
+    (0.375, 0.0, 1.0, 1.0),
+    (0.625, 1.0, 1.0, 0.0),
+    (0.875, 1.0, 0.0, 0.0),
+    (1.0, 0.5, 0.0, 0.0),
+)
 
 #: The caption font shipped with the package (DejaVu Sans Bold; licence in ``fonts/LICENSE_DEJAVU``).
 FONT = str(Path(__file__).with_name("fonts") / "DejaVuSans-Bold.ttf")
@@ -135,6 +148,30 @@ def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
             maps, size=images.shape[-2:], mode="bilinear", align_corners=False
         )
     return ((1 - alpha) * images + alpha * maps.to(images.dtype)).clamp(0, 1)
+
+
+def heatmap(maps: Tensor) -> Tensor:
+    """Colour single-channel maps with the jet colour map (:data:`JET`, linear between anchors).
+
+    Args:
+        maps: ``(N, 1, H, W)`` in ``[0, 1]`` (values outside are clipped; NaN counts as 0).
+
+    Returns:
+        ``(N, 3, H, W)`` float32 in ``[0, 1]``, on the maps' device.
+
+    Example::
+
+        >>> heatmap(torch.tensor([[[[0.0, 0.5, 1.0]]]]))[0, :, 0].T
+        tensor([[0.0000, 0.0000, 0.5000],
+                [0.5000, 1.0000, 0.5000],
+                [0.5000, 0.0000, 0.0000]])
+    """
+    anchors = torch.tensor(JET, dtype=torch.float32, device=maps.device)
+    x = maps.to(torch.float32).nan_to_num(0.0).clamp(0, 1)[:, 0]  # (N, H, W)
+    upper = torch.searchsorted(anchors[:, 0].contiguous(), x.contiguous(), right=True).clamp(1, len(JET) - 1)
+    lo, hi = anchors[upper - 1], anchors[upper]  # (N, H, W, 4)
+    t = ((x - lo[..., 0]) / (hi[..., 0] - lo[..., 0])).unsqueeze(-1)
+    return (lo[..., 1:] + t * (hi[..., 1:] - lo[..., 1:])).permute(0, 3, 1, 2).contiguous()
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -287,6 +324,40 @@ def caption_grid(
         for k, line in enumerate(lines[i]):
             draw.text((x0 + 3, y0 + h + 2 + k * line_height), line, fill=MATCH, font=face)
     return np.asarray(canvas)
+
+
+def views_grid(
+    inputs: Tensor,
+    views: Sequence[tuple[str, Tensor]],
+    captions: Sequence[str] | None = None,
+    mismatched: Sequence[bool] | None = None,
+    font: str | None = None,
+) -> np.ndarray:
+    """The views side by side: one row per image, its input first, then each view, every tile captioned
+    (the input with ``captions``, each view with its name).
+
+    Args:
+        inputs: ``(N, 3, H, W)`` images in ``[0, 1]``.
+        views: ``(name, tiles)`` pairs, tiles ``(N, 3, H, W)`` in ``[0, 1]``.
+        captions: one per image (``"cat → dog"``); the image index if ``None``.
+        mismatched: per image, whether to mark its input tile as a wrong prediction.
+        font: as for :func:`caption_grid`.
+
+    Returns:
+        ``(H', W', 3)`` uint8 image.
+    """
+    n, columns = inputs.shape[0], 1 + len(views)
+    texts = list(captions) if captions is not None else [str(i) for i in range(n)]
+    marks = list(mismatched) if mismatched is not None else [False] * n
+    tiles = torch.stack([inputs, *(t.to(inputs.dtype) for _, t in views)], dim=1).flatten(0, 1)
+    names = [name for name, _ in views]
+    return caption_grid(
+        tiles,
+        [text for i in range(n) for text in (texts[i], *names)],
+        [mark for i in range(n) for mark in (marks[i], *[False] * len(views))],
+        nrow=columns,
+        font=font,
+    )
 
 
 # ---------------------------------------------------------------------- the evolution strip

@@ -37,6 +37,8 @@ class Record(pl.Callback):
                     "indices": probe.indices,
                     "images_sum": float(probe.images.sum()),
                     "callback_metrics": metrics,
+                    "weights_sum": float(sum(p.double().sum() for p in pl_module.parameters())),
+                    "grads": [p.grad is None for p in pl_module.parameters()],
                 },
                 f,
             )
@@ -59,7 +61,8 @@ VALIDATION = [1, 4, 6, 9, 12, 15, 19, 22, 23, 28]
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
-    monitor = FailsOnceOnRankOne(num_images=4)
+    views = ["prism", "grad_cam", "saliency"] if sys.argv[2:] == ["views"] else ["prism"]
+    monitor = FailsOnceOnRankOne(num_images=4, views=views, target="label")
     train, _ = loaders()
     val = DataLoader(Stripes(32, seed=2), batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
     trainer = pl.Trainer(

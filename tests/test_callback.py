@@ -135,7 +135,7 @@ def test_resume_keeps_the_colours(tmp_path):
     # Control: the same weights without the saved basis (a fresh PCA) give other colours.
     images = torch.stack([val.dataset[i][0] for i in resumed.state_dict()["probe_indices"]])
     fresh = prism(module, images)
-    recoloured = caption_grid(fresh.maps, *resumed._captions(resumed._probe, fresh)).astype(int)
+    recoloured = caption_grid(fresh.maps, *resumed._captions(resumed._probe, fresh.output)).astype(int)
     assert np.abs(recoloured - last_before).mean() > 10
 
 
@@ -501,16 +501,16 @@ def test_log_image_loggers_get_the_same_pictures_as_tensorboard(tmp_path):
 def test_captions_name_classes_from_the_dataset_unless_given():
     probe = Probe(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), [0, 1], ["vertical", "horizontal"])
     result = SimpleNamespace(output=torch.tensor([[2.0, 1.0], [3.0, 0.0]]))  # predicts 0 and 0
-    captions, wrong = PRISMMonitor()._captions(probe, result)
+    captions, wrong = PRISMMonitor()._captions(probe, result.output)
     assert captions == ["vertical → vertical", "horizontal → vertical"] and wrong == [False, True]
-    captions, _ = PRISMMonitor(class_names=["v", "h"])._captions(probe, result)
+    captions, _ = PRISMMonitor(class_names=["v", "h"])._captions(probe, result.output)
     assert captions == ["v → v", "h → v"]
-    captions, _ = PRISMMonitor()._captions(Probe(probe.images, probe.labels, [0, 1]), result)
+    captions, _ = PRISMMonitor()._captions(Probe(probe.images, probe.labels, [0, 1]), result.output)
     assert captions == ["0 → 0", "1 → 0"]
     # Hugging Face outputs carry `logits`; tuples lead with them.
     logits = result.output
     for output in ({"logits": logits, "loss": None}, SimpleNamespace(logits=logits), (logits, None)):
-        captions, _ = PRISMMonitor()._captions(probe, SimpleNamespace(output=output))
+        captions, _ = PRISMMonitor()._captions(probe, output)
         assert captions == ["vertical → vertical", "horizontal → vertical"]
 
 

@@ -5,18 +5,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from ddp_script import VALIDATION
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(tmp_path):
+def fit(out_dir: Path, *options: str) -> list[dict]:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(SCRIPT), str(out_dir), *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One DDP fit with the default view, shared by the tests."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    return out_dir, fit(out_dir)
+
+
+def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(plain):
+    tmp_path, ranks = plain
     assert ranks[0] == ranks[1]  # every rank has the same probe
     assert set(ranks[0]["indices"]) <= set(VALIDATION) and len(ranks[0]["indices"]) == 4
     event_files = list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
@@ -42,3 +58,18 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(tmp_path):
         "prism/explained_variance/pc2",
         "prism/explained_variance/pc3",
     ]
+
+
+def test_ddp_gradient_views_never_touch_training(tmp_path, plain):
+    """Grad-CAM and saliency on every rank, on the LightningModule itself: the weights come out exactly
+    as without them (no gradient reached DDP's reducer or the optimiser) and rank zero logs them."""
+    with_views, without = fit(tmp_path / "views", "views"), plain[1]
+    assert with_views[0]["weights_sum"] == with_views[1]["weights_sum"] == without[0]["weights_sum"]
+    assert with_views[0]["grads"] == without[0]["grads"]
+    acc = EventAccumulator(
+        str(tmp_path / "views" / "tb" / "version_0"), size_guidance={"images": 0, "scalars": 0}
+    )
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("val_loss")]
+    for view in ["maps", "grad_cam", "saliency", "views"]:
+        assert [e.step for e in acc.Images(f"prism/{view}")] == steps, view

@@ -763,7 +763,7 @@ def test_grad_cam_of_a_vision_transformer_is_on_the_patch_grid_of_its_final_toke
 
     # The class token alone reaches the head: the patch tokens' gradient is zero, and so is Grad-CAM.
     grid = tokens[:, 1:].transpose(1, 2).reshape(3, 16, 4, 6)
-    alpha, cams, maps = reference_grad_cam(head, grid, [0, 1, 3], (32, 48))
+    alpha, cams, _ = reference_grad_cam(head, grid, [0, 1, 3], (32, 48))
     assert result.layer == "norm" and result.cams.shape == (3, 1, 4, 6)
     torch.testing.assert_close(result.alpha.double(), alpha, atol=1e-7, rtol=0)
     torch.testing.assert_close(result.cams.double(), cams, atol=1e-7, rtol=0)
@@ -831,7 +831,7 @@ def test_a_final_map_followed_by_more_maps_in_the_head_keeps_its_path_to_the_sco
     with torch.no_grad():
         activation = net.features(images.double())
         predicted = net(images.double()).argmax(1)
-    alpha, cams, maps = reference_grad_cam(net.classifier, activation, predicted, (16, 16))
+    alpha, cams, _ = reference_grad_cam(net.classifier, activation, predicted, (16, 16))
     assert alpha.abs().sum() > 0  # the check has something to compare
     torch.testing.assert_close(result.alpha.double(), alpha, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(result.cams.double(), cams, rtol=1e-4, atol=1e-6)
