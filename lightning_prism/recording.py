@@ -27,7 +27,9 @@ batch size ``N`` are. Discovered from the forward itself (or given by module nam
     the model returns other spatial class scores with as many channels (a segmentation model's
     upsampled scores), that convolution is a class-score layer: the final map is the one entering
     it. (A convolution pooled into the output, as in Network-in-Network, is not told apart from a
-    pooled feature extractor and stays the final map, unless a head module pools it.)
+    pooled feature extractor and stays the final map, unless a head module pools it.) Likewise
+    when a linear layer made the final map with as many channels as the model's ``(N, K)`` output
+    has classes: per-token class scores (VOLO's auxiliary head), the map entering it is the final map.
 
 * **stage maps**: for every resolution the network downsamples from on its main path, the feature
   map entering the outermost module that takes it down to the next resolution of the main path.
@@ -297,7 +299,9 @@ class FeatureRecorder:
         self._stack: list[_Frame] = []
         self._final: tuple[str, Tensor, FeatureLayout] | None = None
         self._named_final: tuple[str, Tensor] | None = None
-        self._classifier: tuple[Tensor, Tensor, FeatureLayout, str] | None = None
+        # (its output, its input, the input's layout, the input's name, whether a linear layer) of a
+        # module that may be a class-score layer, when it made the final-map candidate
+        self._classifier: tuple[Tensor, Tensor, FeatureLayout, str, bool] | None = None
         # (call index, input, its layout, its name) of modules that took the last spatial map so far
         # and returned no spatial map
         self._heads: list[tuple[int, Tensor, FeatureLayout, str]] = []
@@ -352,7 +356,7 @@ class FeatureRecorder:
                 if m is not self.model and type(m) is not nn.Identity
             ]
             with_parameters = [(name, m) for name, m, has in observed if has]
-            classifier = None  # the last module with parameters, if a convolution (a class-score layer?)
+            classifier = None  # the last module with parameters, if a convolution (class scores per position?)
             if with_parameters and isinstance(with_parameters[-1][1], nn.modules.conv._ConvNd):
                 classifier = with_parameters[-1][0]
             for name, module, has_parameters in observed:
@@ -360,7 +364,11 @@ class FeatureRecorder:
                 # what its entry callback would have (call order, input, producer): one callback.
                 leaf = not module._modules  # no children (a None entry counts as one: harmless)
                 on_exit = self._make_on_exit(
-                    name, leaf=leaf, has_parameters=has_parameters, classifier=name == classifier
+                    name,
+                    leaf=leaf,
+                    has_parameters=has_parameters,
+                    # linear layers may make class scores per token (VOLO's auxiliary head)
+                    classifier=name == classifier or isinstance(module, nn.Linear),
                 )
                 taps.around(module, None if leaf else self._on_enter, on_exit, wrap=wrap)
         if self._final_module is not None:
@@ -457,7 +465,8 @@ class FeatureRecorder:
                 if self._heads:  # the network went on with a spatial map: those were no heads
                     self._heads.clear()
                 if classifier and x is not None and in_layout is not None:
-                    self._classifier = (out, x, in_layout, self._producer(x) or name + INPUT_SUFFIX)
+                    linear = isinstance(module, nn.Linear)
+                    self._classifier = (out, x, in_layout, self._producer(x) or name + INPUT_SUFFIX, linear)
             if enlarged:
                 self._padded[id(out)] = weakref.ref(out)
             elif (
@@ -672,16 +681,18 @@ class FeatureRecorder:
             return x_name, x, x_layout
         if self._classifier is not None and self._classifier[0] is final:
             scores = _scores(self._output)
-            _, x, x_layout, x_name = self._classifier
-            if (
-                scores is not None
-                and scores is not final
-                and scores.ndim == 4
-                and scores.shape[-1] * scores.shape[-2] > 1
-                and scores.shape[1] == layout.to_nchw(final).shape[1]
-                and x_layout.spatial
-            ):
-                return x_name, x, x_layout  # a class-score convolution: the map entering it
+            _, x, x_layout, x_name, linear = self._classifier
+            channels = layout.to_nchw(final).shape[1]
+            if scores is not None and scores is not final and x_layout.spatial:
+                spatial_scores = (
+                    not linear
+                    and scores.ndim == 4
+                    and scores.shape[-1] * scores.shape[-2] > 1
+                    and scores.shape[1] == channels
+                )
+                token_scores = linear and scores.ndim == 2 and scores.shape[1] == channels
+                if spatial_scores or token_scores:
+                    return x_name, x, x_layout  # a class-score layer: the map entering it
         return final_layer, final, layout
 
 

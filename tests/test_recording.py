@@ -522,3 +522,37 @@ def test_the_final_layer_and_layout_serve_a_gradient_method(seeded):
     # TinyViT classifies from its class token, so the patch tokens' gradient is 0 and the class token's
     # is not: the layout drops exactly the prefix.
     assert gradient.abs().max() == 0 and saved["a"].grad[:, 0].abs().max() > 0
+
+
+class AuxTokenHead(nn.Module):
+    """VOLO's head: the class token's scores plus the best per-token class scores of an auxiliary
+    linear head on the patch tokens (registered before the final norm and the main head)."""
+
+    def __init__(self, dim: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.aux_head = nn.Linear(dim, classes)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = self.norm(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1))
+        return self.head(tokens[:, 0]) + 0.5 * self.aux_head(tokens[:, 1:]).amax(dim=1)
+
+
+def test_per_token_class_scores_are_no_final_map(seeded):
+    model, x = AuxTokenHead(), torch.rand(2, 3, 16, 24)
+    rec = record(model, x)
+    with torch.no_grad():
+        norm = model.norm(
+            torch.cat([model.cls_token.expand(2, -1, -1), model.patch(x).flatten(2).transpose(1, 2)], 1)
+        )
+    assert rec.final_layer == "aux_head:input" and rec.final_layout == FeatureLayout("tokens", (4, 6), 0)
+    torch.testing.assert_close(rec.final, norm[:, 1:].transpose(1, 2).reshape(2, 16, 4, 6))
+    # With other than class scores (a linear layer of as many channels as there are classes), it stays.
+    wide = AuxTokenHead(classes=16)
+    wide.head = nn.Linear(16, 7)
+    wide.forward = lambda x: wide.head(wide.aux_head(wide.patch(x).flatten(2).transpose(1, 2)).mean(1))
+    assert record(wide, x).final_layer == "aux_head"
