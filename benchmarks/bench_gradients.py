@@ -7,7 +7,8 @@ on a shared machine hits them alike. Targets (issue #15): ``grad_cam()`` ≤ 1.1
 
 * ``grad_cam``, ``saliency``, ``guided``: this library (``guided`` is ``saliency(guided=True)``;
   EfficientNet-Lite0 has no ``nn.ReLU``, only ``nn.ReLU6``, so there it is the plain gradient);
-* ``prism``: ``prism()``, for reference;
+* ``prism``: ``prism()``, for reference; ``prism+grad_cam``: ``prism_and_grad_cam()``, both from
+  one forward, as ``PRISMMonitor(views=["prism", "grad_cam"])`` runs them (target ≤ 1.20);
 * ``pgc GradCAM``, ``pgc EigenCAM``: pytorch-grad-cam, constructed and released inside the timed call
   (its hooks would otherwise slow every other method's forward), on ``layer4[-1]`` for ResNet-50
   and ``_bn1`` for EfficientNet-Lite0 (the map that our ``_swish`` rectifies: pytorch-grad-cam keeps
@@ -54,7 +55,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prism import build, keep_heap, plain
 
-from lightning_prism import grad_cam, gradients, prism, saliency
+from lightning_prism import grad_cam, gradients, prism, prism_and_grad_cam, saliency
 
 MODELS = ("resnet50", "efficientnet-lite0")
 warnings.filterwarnings("ignore", message=".*has no nn.ReLU module")  # Lite0's guided = plain gradient
@@ -90,6 +91,7 @@ def methods(name: str, model: nn.Module, targets: torch.Tensor, layouts: bool) -
         "saliency": saliency,
         "guided": lambda model, images: saliency(model, images, guided=True),
         "prism": prism,
+        "prism+grad_cam": prism_and_grad_cam,
         "pgc GradCAM": pgc(GradCAM),
         "pgc EigenCAM": pgc(EigenCAM),
         "Captum Saliency": lambda model, images: Saliency(model).attribute(

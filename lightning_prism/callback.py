@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -665,7 +666,9 @@ class PRISMMonitorBase:
         cut = 0 if self.module is None else len(self.module) + 1
         maps: dict[str, Tensor] = {}
         result, output = None, None
-        with trainer.precision_plugin.forward_context():
+        # The gradient functions' warnings (such as a Grad-CAM that is zero everywhere) once per fit.
+        with trainer.precision_plugin.forward_context(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             if shared:
                 result, cam = prism_and_grad_cam(
                     target,
@@ -702,6 +705,9 @@ class PRISMMonitorBase:
                     continue
                 maps[view] = gradient_view.maps
                 output = gradient_view.output if output is None else output
+        for warning in caught:
+            message = str(warning.message).replace("Pass layer=", "Pass grad_cam_layer=")
+            self._warn_once(f"view-warning:{message[:100]}", message)
         return result, maps, output
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:

@@ -666,6 +666,15 @@ def _grad_cam_of(
         raise ValueError(f"the class scores do not depend on the final feature map of layer {layer!r}")
     with _maths(source.device):
         a, g = _feature_map(source, gradient, recording.final_layout)
+        if not bool(g.any()):
+            warnings.warn(
+                f"Grad-CAM of layer {layer!r} is zero for every image: the class scores do not depend on its "
+                "positions (a vision transformer that reads out its class token sees the patch tokens only through "
+                "attention, and its final norm works token by token). Pass layer= a map before the last attention, "
+                "such as the last block's first norm (timm: 'blocks.<last>.norm1').",
+                UserWarning,
+                stacklevel=3,
+            )
         cams, alpha = cam(a, g)
         if not bool(torch.isfinite(cams).all()):
             raise ValueError(f"the feature map of layer {layer!r} or its gradient is not finite")

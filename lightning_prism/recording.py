@@ -356,7 +356,9 @@ class FeatureRecorder:
                 if m is not self.model and type(m) is not nn.Identity
             ]
             with_parameters = [(name, m) for name, m, has in observed if has]
-            classifier = None  # the last module with parameters, if a convolution (class scores per position?)
+            classifier = (
+                None  # the last module with parameters, if a convolution (class scores per position?)
+            )
             if with_parameters and isinstance(with_parameters[-1][1], nn.modules.conv._ConvNd):
                 classifier = with_parameters[-1][0]
             for name, module, has_parameters in observed:

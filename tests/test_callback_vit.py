@@ -102,3 +102,38 @@ def test_vit_fine_tune_logs_patch_token_maps_with_zero_configuration(tmp_path, b
     assert result.final_layer == final_layer
     assert result.final_layout == FeatureLayout("tokens", (4, 4), prefix=1)
     assert result.stage_layers == [] and result.maps.shape == (4, 3, 32, 32)
+
+
+def test_vit_grad_cam_view_at_the_last_attention_and_a_warning_at_the_final_norm(tmp_path):
+    """A class-token ViT: at the final norm (the default layer) Grad-CAM is zero, one warning says where
+    to look instead; at the last block's first norm the view has structure."""
+
+    def fit(monitor, name):
+        torch.manual_seed(0)
+        module, (train, val) = ViTClassifier(timm_vit()), loaders()
+        logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
+        trainer = pl.Trainer(
+            max_epochs=2, callbacks=[monitor], logger=logger, accelerator="cpu", enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        )  # fmt: skip
+        trainer.fit(module, train, val)
+        events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+        events.Reload()
+        return events.Images("prism/grad_cam")
+
+    with pytest.warns(
+        UserWarning, match=r"Grad-CAM of layer 'model.norm' is zero for every image.*Pass grad_cam_layer="
+    ) as caught:
+        at_norm = fit(PRISMMonitor(num_images=4, views=["prism", "grad_cam"]), "norm")
+    assert sum("is zero for every image" in str(w.message) for w in caught) == 1  # once for the fit
+    monitor = PRISMMonitor(num_images=4, views=["prism", "grad_cam"], grad_cam_layer="model.blocks.1.norm1")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*(PRISM|Grad-CAM).*")
+        at_attention = fit(monitor, "attention")
+    assert len(at_norm) == len(at_attention) == 2
+
+    def heat(event) -> np.ndarray:  # the spread of the tiles' colours: a flat map blends one colour
+        picture = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")).astype(float)
+        return picture.std(axis=(0, 1)).sum()
+
+    assert heat(at_attention[-1]) > heat(at_norm[-1])
