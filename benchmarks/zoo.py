@@ -12,9 +12,11 @@ and given two random images. For each model the sweep prints one row:
   the tensor entering global pooling (per family: ``avgpool``'s input, ``features``' output, …; for
   ``vit_*`` the encoder's patch tokens). ``n/a`` when the reference is no spatial map (PiT returns
   class tokens, CrossViT a list);
-* **stages**: the stage maps equal ``mean_c |A|`` of the outputs of the modules that timm's
-  ``feature_info`` lists, at every resolution larger than the final map's (the last listed module
-  at each resolution), and there are no others (timm only);
+* **stages**: the stage maps that the discovery rules find (with ``feature_info`` hidden: where a
+  model declares it, ``prism()`` takes its stages from it, which match by construction) equal
+  ``mean_c |A|`` of the outputs of the modules that timm's ``feature_info`` lists, at every
+  resolution larger than the final map's (the last listed module at each resolution), and there
+  are no others (timm only);
 * **grey**: the RGB maps are uniform (what under- or overflowing extrapolation used to give).
 
 The summary counts them per reference layout (``nchw``: CNNs and hybrids with convolutional
@@ -37,6 +39,8 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -299,6 +303,17 @@ def _alarm(signum: int, frame: Any) -> None:
     raise _Timeout
 
 
+@contextmanager
+def undeclared(model: nn.Module) -> Iterator[None]:
+    """Hide timm's ``feature_info`` for the body, so the stages come from the discovery rules."""
+    hidden = [(m, m.__dict__.pop("feature_info")) for m in model.modules() if "feature_info" in m.__dict__]
+    try:
+        yield
+    finally:
+        for m, info in hidden:
+            m.feature_info = info
+
+
 def check(source: str, family: str, name: str, params: float, size: int, timeout: int) -> Row:
     row = Row(source, family, name, round(params, 2))
     start = time.perf_counter()
@@ -334,7 +349,9 @@ def check(source: str, family: str, name: str, params: float, size: int, timeout
                 row.layout, row.final = final_matches(result.final, features, _timm_grid(model, images))
                 row.stages = row.stage_maps = "n/a"
                 if maps is not None:
-                    row.stages, row.stage_maps, row.note = stages_match(record(model, images), maps)
+                    with undeclared(model):  # the discovery rules: declared stages match by construction
+                        discovered = record(model, images)
+                    row.stages, row.stage_maps, row.note = stages_match(discovered, maps)
             else:
                 row.layout, row.final = final_matches(result.final, torchvision_reference(model, images))
                 row.stages = row.stage_maps = "n/a"

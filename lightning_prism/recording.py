@@ -52,6 +52,12 @@ batch size ``N`` are. Discovered from the forward itself (or given by module nam
     no stage, a reduction by pooling is (ResNet's max-pool keeps the map before it);
   - only resolutions larger than the final map's count.
 
+  A model that declares its stages, as timm's models do in ``feature_info`` (also a timm model
+  inside a wrapper, such as a LightningModule), gets those: the output of the last listed module at
+  every resolution larger than the final map's. The rules above apply when nothing is declared, or
+  when the declared modules give no stage (a hybrid ViT whose ``feature_info`` lists only blocks at
+  the patch grid keeps its convolutional backbone's stages).
+
 * an ``nn.Identity`` (a placeholder, as in ``model.avgpool = nn.Identity()`` or timm's
   ``drop_path``) hands its input on and produces nothing, so it is never the final layer or a
   stage's name: the tensor keeps the name of the module that produced it.
@@ -77,6 +83,7 @@ __all__ = [
     "FeatureLayout",
     "FeatureRecorder",
     "Recording",
+    "declared_stages",
     "infer_layout",
     "output_tensor",
     "record",
@@ -115,6 +122,35 @@ class Recording:
     stage_layers: list[str]
     output: Any = None
     source: Tensor | None = None
+
+
+def declared_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The stage modules a model declares: the ``module`` names of timm's ``feature_info`` (a list of
+    dicts), of the outermost module that has one, named relative to ``model``; ``[]`` if none does
+    or a name does not resolve.
+
+    Example::
+
+        >>> import timm  # doctest: +SKIP
+        >>> [name for name, _ in declared_stages(timm.create_model("resnet18"))]  # doctest: +SKIP
+        ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+    """
+    for prefix, module in model.named_modules():
+        info = getattr(module, "feature_info", None)
+        if not isinstance(info, (list, tuple)) or not info:
+            continue
+        names = [entry.get("module") if isinstance(entry, Mapping) else None for entry in info]
+        if not all(isinstance(name, str) and name for name in names):
+            return []
+        stages = []
+        for name in names:
+            full = f"{prefix}.{name}" if prefix else name
+            try:
+                stages.append((full, model.get_submodule(full)))
+            except AttributeError:
+                return []
+        return stages
+    return []
 
 
 def resolve_module(model: nn.Module, name: str, *, allow_input: bool = False) -> tuple[nn.Module, bool]:
@@ -289,6 +325,7 @@ class FeatureRecorder:
         self._stage_modules = [
             (name, *resolve_module(model, name, allow_input=True)) for name in self.stage_layers or []
         ]
+        self._declared = declared_stages(model) if self.stage_layers is None else []
         self._taps = ModuleTaps()
         self._reset()
 
@@ -309,6 +346,7 @@ class FeatureRecorder:
         self._padded: dict[int, weakref.ref[Tensor]] = {}  # outputs of modules that enlarge the map
         self._stages: list[_Candidate] = []  # candidates no enclosing module can supersede any more
         self._named_stages: dict[str, tuple[int, Tensor]] = {}
+        self._declared_stages: dict[str, tuple[int, Tensor]] = {}
         self._input_shape: tuple[int, ...] | None = None
         self._image_size: Grid | None = None
         self._output: Any = None
@@ -381,6 +419,9 @@ class FeatureRecorder:
                 )
             else:
                 taps.after(module, lambda m, args, output: self._on_named_final(output))
+        for name, module in self._declared:
+            declared = self._make_named_stage(name, declared=True)
+            taps.after(module, lambda m, args, output, take=declared: take(output))
         for name, module, is_input in self._stage_modules:
             take = self._make_named_stage(name)
             if is_input:
@@ -598,7 +639,9 @@ class FeatureRecorder:
         if t is not None:
             self._named_final = (str(self.final_layer), t)
 
-    def _make_named_stage(self, name: str) -> Any:
+    def _make_named_stage(self, name: str, *, declared: bool = False) -> Any:
+        taken = self._declared_stages if declared else self._named_stages
+
         def take(value: Any) -> None:
             t = _scores(value)
             if t is None:
@@ -608,7 +651,7 @@ class FeatureRecorder:
                 layout = FeatureLayout("nchw", (t.shape[2], t.shape[3]))  # named: taken as (N, C, h, w)
             if layout is not None:
                 self._calls += 1
-                self._named_stages[name] = (self._calls, stage_map(layout.to_nchw(t)))
+                taken[name] = (self._calls, stage_map(layout.to_nchw(t)))
 
         return take
 
@@ -634,6 +677,9 @@ class FeatureRecorder:
             ordered = sorted(self._named_stages.items(), key=lambda item: item[1][0])
             stage_layers = [stage for stage, _ in ordered]
             stage_maps = [value[1] for _, value in ordered]
+        elif declared := self._declared_above(layout.grid):
+            stage_layers = [name for name, _ in declared]
+            stage_maps = [stage for _, stage in declared]
         else:
             h, w = layout.grid
             chosen: dict[Grid, _Candidate] = {}
@@ -651,6 +697,17 @@ class FeatureRecorder:
         return Recording(
             layout.to_nchw(final), final_layer, layout, stage_maps, stage_layers, self._output, source=final
         )
+
+    def _declared_above(self, grid: Grid) -> list[tuple[str, Tensor]]:
+        """The declared stages at resolutions larger than ``grid``: the last one taken at each, in
+        the order they were taken."""
+        h, w = grid
+        last: dict[Grid, tuple[int, str, Tensor]] = {}
+        for name, (call, stage) in self._declared_stages.items():
+            sh, sw = stage.shape[-2:]
+            if sh >= h and sw >= w and sh * sw > h * w and call > last.get((sh, sw), (-1,))[0]:
+                last[sh, sw] = (call, name, stage)
+        return [(name, stage) for _, name, stage in sorted(last.values(), key=lambda item: item[0])]
 
     def _final_map(self) -> tuple[str, Tensor, FeatureLayout]:
         name = type(self.model).__name__

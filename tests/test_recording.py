@@ -556,3 +556,41 @@ def test_per_token_class_scores_are_no_final_map(seeded):
     wide.head = nn.Linear(16, 7)
     wide.forward = lambda x: wide.head(wide.aux_head(wide.patch(x).flatten(2).transpose(1, 2)).mean(1))
     assert record(wide, x).final_layer == "aux_head"
+
+
+class Wrapper(nn.Module):
+    """A LightningModule-like wrapper around a timm-like model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def test_stages_a_model_declares_in_feature_info_are_taken_as_declared(seeded):
+    model, x = multi_stage_net(), torch.rand(2, 3, 16, 16)
+    # timm's declaration: the stem's output counts (discovery would take stages.0 at 16×16 instead),
+    # two modules at 8×8 (the last one is the stage), and the final resolution (no stage).
+    model.feature_info = [
+        {"module": "stem", "num_chs": 8, "reduction": 1},
+        {"module": "stages.1.0", "num_chs": 8, "reduction": 2},
+        {"module": "stages.1", "num_chs": 16, "reduction": 2},
+        {"module": "stages.2", "num_chs": 16, "reduction": 4},
+    ]
+    with torch.no_grad():
+        stem = model.stem(x)
+        second = model.stages[1](model.stages[0](stem))
+    for net, prefix in [(model, ""), (Wrapper(model), "model.")]:
+        rec = record(net, x)
+        assert rec.stage_layers == [prefix + "stem", prefix + "stages.1"]
+        torch.testing.assert_close(rec.stage_maps[0], stem.abs().mean(1, keepdim=True))
+        torch.testing.assert_close(rec.stage_maps[1], second.abs().mean(1, keepdim=True))
+    # A declaration that names no module of the model, or no stage above the final resolution (a
+    # hybrid ViT's blocks), leaves the stages to discovery.
+    discovered = ["stages.0", "stages.1"]
+    model.feature_info = [{"module": "stages.9", "num_chs": 16, "reduction": 4}]
+    assert record(model, x).stage_layers == discovered
+    model.feature_info = [{"module": "stages.2", "num_chs": 16, "reduction": 4}]
+    assert record(model, x).stage_layers == discovered

@@ -21,7 +21,7 @@ from torch import nn
 
 from conftest import assert_valid_maps, hook_count
 from lightning_prism import prism
-from lightning_prism.recording import FeatureLayout, record
+from lightning_prism.recording import FeatureLayout, declared_stages, record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import zoo  # the sweep's reference code
@@ -38,9 +38,9 @@ class Case:
     source: str = "timm"  # whose reference: timm, torchvision or tokens (the final tokens' patch grid)
     final_layer: str | None = None
     stages: list[tuple[int, int]] | None = None  # stage resolutions, where no feature_info says
-    # Whether the stage maps are feature_info's too. Sequencer2d's `stages` container downsamples
-    # once, in its second stage, so it reads as a block around that downsampling, whose input (the
-    # stem's output) is taken for the stage instead of the first stage's output (README: Limitations).
+    # Whether the discovery rules find feature_info's stage maps too (declared, they are taken as they
+    # are). Sequencer2d's `stages` container downsamples once, in its second stage, so it reads as a
+    # block around that downsampling, whose input (the stem's output) is taken for the stage.
     stage_maps: bool = True
 
 
@@ -172,7 +172,13 @@ def test_final_map_and_stages_match_the_references(name, zoo_models):
         features, stage_maps = zoo.timm_references(model, images)
         assert zoo.final_matches(rec.final, features, zoo._timm_grid(model, images))[1] == "yes"
         assert stage_maps is not None
-        grids, maps, note = zoo.stages_match(rec, stage_maps)
+        # The stages timm's feature_info declares ...
+        assert rec.stage_layers == [n for n, _ in declared_stages(model)][: len(rec.stage_layers)]
+        assert zoo.stages_match(rec, stage_maps)[:2] == ("yes", "yes")
+        # ... and the discovery rules, for models that declare none, find the same resolutions.
+        with zoo.undeclared(model):
+            discovered = record(model, images)
+        grids, maps, note = zoo.stages_match(discovered, stage_maps)
         assert (grids, maps) == ("yes", "yes" if case.stage_maps else "no"), note
     else:
         if case.source == "torchvision" or name == "tv_vit":  # tv_vit: the encoder's final tokens
