@@ -131,9 +131,10 @@ def declared_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Example::
 
-        >>> import timm  # doctest: +SKIP
-        >>> [name for name, _ in declared_stages(timm.create_model("resnet18"))]  # doctest: +SKIP
-        ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2))
+        >>> net.feature_info = [{"module": "0", "reduction": 1}, {"module": "1", "reduction": 2}]
+        >>> [name for name, _ in declared_stages(nn.Sequential(net))]  # inside a wrapper
+        ['0.0', '0.1']
     """
     for prefix, module in model.named_modules():
         info = getattr(module, "feature_info", None)
