@@ -34,7 +34,7 @@ from .render import (
     caption_grid,
     denormalize,
     display_tiles,
-    heatmap,
+    heat_overlay,
     load_font,
     missing_glyphs,
     overlay,
@@ -70,6 +70,8 @@ VIEWS: dict[str, str] = {
     "guided_saliency": "guided saliency",
 }
 TARGETS = ("prediction", "label")
+#: Saliency views are drawn against this quantile of each map (a few bright pixels otherwise vanish).
+SALIENCY_CLIP = 0.99
 PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 
 
@@ -832,11 +834,18 @@ class PRISMMonitorBase:
         inputs = denormalize(probe.images, self.mean, self.std)
         # Each view as coloured tiles (invalid probe images crossed out) and blended over the inputs.
         tiles: dict[str, Tensor] = {}
+        blended: dict[str, Tensor] = {}
         if result is not None:
             tiles["prism"] = with_invalid_tiles(result.maps, probe.finite)
+            blended["prism"] = overlay(inputs, tiles["prism"], self.overlay_alpha)
         for view, view_maps in gradient_maps.items():
-            tiles[view] = with_invalid_tiles(heatmap(view_maps.to(inputs.device)), probe.finite)
-        blended = {view: overlay(inputs, t, self.overlay_alpha) for view, t in tiles.items()}
+            # Heat weighted by its value, so the image shows where a view sees nothing; saliency is a few
+            # bright pixels, shown against its 99th percentile.
+            clip = None if view == "grad_cam" else SALIENCY_CLIP
+            heat = heat_overlay(
+                inputs[probe.finite], view_maps.to(inputs.device), self.overlay_alpha, clip=clip
+            )
+            blended[view] = with_invalid_tiles(heat, probe.finite)
         if self.evolution_strip and trainer.state.fn == "fit" and self.evolution_view in blended:
             probe_row = None if self._evolution.has_inputs else to_uint8(inputs)
             self._evolution.add(
@@ -865,7 +874,7 @@ class PRISMMonitorBase:
             pictures[f"{self.prefix}/{view}"] = picture(blended[view], captions, wrong)
         if len(self.views) > 1:
             # PRISM's own colours side by side; the gradient views as heatmaps over the input.
-            shown = [(VIEWS[v], tiles[v] if v == "prism" else blended[v]) for v in self.views if v in tiles]
+            shown = [(VIEWS[v], tiles[v] if v == "prism" else blended[v]) for v in self.views if v in blended]
             pictures[f"{self.prefix}/views"] = Picture(
                 views_grid(inputs, shown, captions, wrong, font=self.font)
             )

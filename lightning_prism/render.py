@@ -33,6 +33,7 @@ __all__ = [
     "denormalize",
     "display_tiles",
     "evolution_strip",
+    "heat_overlay",
     "heatmap",
     "load_font",
     "missing_glyphs",
@@ -174,6 +175,32 @@ def heatmap(maps: Tensor) -> Tensor:
     return (lo[..., 1:] + t * (hi[..., 1:] - lo[..., 1:])).permute(0, 3, 1, 2).contiguous()
 
 
+def heat_overlay(images: Tensor, maps: Tensor, alpha: float = 0.5, clip: float | None = None) -> Tensor:
+    """Blend single-channel maps over the images as :func:`heatmap` colours, each pixel weighted by its
+    value: where a map is 0 the image shows unchanged, where it is 1 the colour has weight ``alpha``.
+
+    Args:
+        images: ``(N, 3, H, W)`` in ``[0, 1]``.
+        maps: ``(N, 1, h, w)`` in ``[0, 1]``; resized bilinearly to ``H×W`` if needed.
+        alpha: weight of the colour where a map is 1.
+        clip: a quantile in ``(0, 1]``: each map is divided by its value at that quantile first and
+            clipped at 1, for display (saliency is a few bright pixels: 0.99 makes them visible).
+
+    Returns:
+        ``(N, 3, H, W)`` in ``[0, 1]``.
+    """
+    maps = maps.to(torch.float32).nan_to_num(0.0).clamp(0, 1)
+    if clip is not None:
+        top = torch.quantile(maps.flatten(1), clip, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        maps = (maps / top).clamp(0, 1)
+    if maps.shape[-2:] != images.shape[-2:]:
+        maps = torch.nn.functional.interpolate(
+            maps, size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+    weight = alpha * maps.to(images.dtype)
+    return ((1 - weight) * images + weight * heatmap(maps).to(images.dtype)).clamp(0, 1)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """``(N, 3, H, W)`` in ``[0, 1]`` → ``(N, H, W, 3)`` uint8 on the CPU."""
     return (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -235,13 +262,20 @@ def _shorten(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
 
 
 def _caption_lines(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
-    """One line if it fits; else ``"true"`` / ``"→ predicted"`` on two lines; each shortened with ``…``."""
+    """One line if it fits; else two, split at ``" → "`` (``"true"`` / ``"→ predicted"``) or else after
+    ``": "`` or at the last space that fits; each shortened with ``…``."""
     text = _drawable(text, font)
     if font.getlength(text) <= width:
         return [text]
     if " → " in text:
         true, predicted = text.split(" → ", 1)
         return [_shorten(true, font, width), _shorten("→ " + predicted, font, width)]
+    if ": " in text:
+        head, rest = text.split(": ", 1)
+        return [_shorten(head + ":", font, width), _shorten(rest, font, width)]
+    spaces = [i for i, c in enumerate(text) if c == " " and font.getlength(text[:i]) <= width]
+    if spaces:
+        return [text[: spaces[-1]], _shorten(text[spaces[-1] + 1 :], font, width)]
     return [_shorten(text, font, width)]
 
 

@@ -12,7 +12,15 @@ from lit_helpers import Stripes, decode, events, loaders, make_module_class, tra
 from torch.utils.data import DataLoader
 
 from lightning_prism import PRISMMonitor, grad_cam, prism, saliency
-from lightning_prism.render import _decode, caption_grid, denormalize, heatmap, overlay, to_uint8, views_grid
+from lightning_prism.render import (
+    _decode,
+    caption_grid,
+    denormalize,
+    heat_overlay,
+    overlay,
+    to_uint8,
+    views_grid,
+)
 
 TinyClassifier = make_module_class(pl)
 ALL_VIEWS = ["prism", "grad_cam", "saliency", "guided_saliency"]
@@ -45,13 +53,17 @@ def test_every_view_is_logged_every_epoch_at_the_validation_step(tmp_path):
         "saliency": saliency(module, probe.images, targets=labels).maps,
         "guided_saliency": saliency(module, probe.images, targets=labels, guided=True).maps,
     }
-    for view, maps in expected.items():
-        picture = caption_grid(overlay(inputs, heatmap(maps)), captions, wrong)
+    shown_views = {
+        view: heat_overlay(inputs, maps, 0.5, clip=None if view == "grad_cam" else 0.99)
+        for view, maps in expected.items()
+    }
+    for view, tiles in shown_views.items():
+        picture = caption_grid(tiles, captions, wrong)
         np.testing.assert_allclose(decode(acc.Images(f"prism/{view}")[-1]), picture, atol=2)
     # The side-by-side grid: the input, PRISM's colours, then each gradient view over the input.
     prism_maps = prism(module, probe.images, basis="aligned", reference=monitor._reference).maps
     shown = [("PRISM", prism_maps)] + [
-        (name, overlay(inputs, heatmap(expected[view])))
+        (name, shown_views[view])
         for view, name in [
             ("grad_cam", "Grad-CAM"),
             ("saliency", "saliency"),
@@ -79,7 +91,7 @@ def test_the_grad_cam_view_explains_the_predicted_class_by_default(tmp_path):
         predicted = module(probe.images).argmax(1).tolist()
     captions = [f"{y} → {p}" for y, p in zip(probe.labels.tolist(), predicted, strict=True)]
     wrong = [y != p for y, p in zip(probe.labels.tolist(), predicted, strict=True)]
-    picture = caption_grid(overlay(denormalize(probe.images), heatmap(maps)), captions, wrong)
+    picture = caption_grid(heat_overlay(denormalize(probe.images), maps, 0.5), captions, wrong)
     np.testing.assert_allclose(decode(acc.Images("prism/grad_cam")[-1]), picture, atol=2)
 
 
@@ -230,7 +242,7 @@ def test_the_evolution_strip_shows_the_chosen_view(tmp_path):
     run.fit(module, train, val)
     history, probe = monitor._evolution, monitor._probe
     inputs = denormalize(probe.images)
-    as_cam = history._thumbnails(to_uint8(overlay(inputs, heatmap(grad_cam(module, probe.images).maps))))
+    as_cam = history._thumbnails(to_uint8(heat_overlay(inputs, grad_cam(module, probe.images).maps, 0.5)))
     as_prism = history._thumbnails(to_uint8(overlay(inputs, prism(module, probe.images).maps)))
     assert len(history) == 1
     row = _decode(history._rows[0][2], 4).astype(float)  # a JPEG thumbnail

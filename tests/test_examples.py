@@ -6,9 +6,11 @@ import shlex
 from pathlib import Path
 
 import finetune  # examples/ is on the path (conftest.py)
+import numpy as np
 import prism_photos
 import pytest
 import torch
+import views_photos
 import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -104,3 +106,13 @@ def test_train_from_freezes_what_comes_before_it():
 def test_photos_example_writes_the_png(tmp_path):
     path = prism_photos.main(str(tmp_path / "photos.png"))
     assert Image.open(path).size[0] == 2 + 3 * 226
+
+
+def test_views_example_shows_each_photo_beside_its_views(tmp_path, capsys):
+    path = views_photos.main(str(tmp_path / "views.png"))
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape[1] == 2 + 4 * 226  # input, PRISM, Grad-CAM, saliency
+    # The pretrained model recognises the cat, the espresso and the rocket (as a missile).
+    printed = capsys.readouterr().out
+    assert "chelsea: Egyptian cat" in printed or "chelsea: tabby" in printed
+    assert "coffee: espresso" in printed and "rocket: missile" in printed

@@ -13,9 +13,12 @@ from lightning_prism.render import (
     MAX_TILE,
     MIN_TILE,
     EvolutionHistory,
+    _caption_lines,
     caption_grid,
     denormalize,
     evolution_strip,
+    heat_overlay,
+    heatmap,
     load_font,
     missing_glyphs,
     overlay,
@@ -246,3 +249,35 @@ def test_evolution_history_stores_the_thumbnails_as_jpeg():
     thumbnails = [np.asarray(Image.fromarray(i).resize((96, 96), Image.Resampling.BILINEAR)) for i in images]
     difference = np.asarray(stored).astype(int) - np.concatenate(thumbnails, axis=1)
     assert np.abs(difference).mean() < 2
+
+
+def test_heatmap_is_jet_between_its_anchors():
+    values = torch.tensor([0.0, 0.125, 0.25, 0.5, 0.875, 1.0, 2.0, float("nan")]).view(1, 1, 1, -1)
+    rgb = heatmap(values)[0, :, 0].T
+    expected = torch.tensor(
+        [[0, 0, 0.5], [0, 0, 1], [0, 0.5, 1], [0.5, 1, 0.5], [1, 0, 0], [0.5, 0, 0], [0.5, 0, 0], [0, 0, 0.5]]
+    )
+    torch.testing.assert_close(rgb, expected)
+
+
+def test_heat_overlay_weights_the_colour_by_the_maps_value():
+    images = torch.rand(2, 3, 4, 4)
+    maps = torch.zeros(2, 1, 2, 2)
+    maps[1] = 1.0
+    blended = heat_overlay(images, maps, alpha=0.6)
+    torch.testing.assert_close(blended[0], images[0])  # nothing seen: the image as it is
+    torch.testing.assert_close(blended[1], 0.4 * images[1] + 0.6 * heatmap(torch.ones(1, 1, 4, 4))[0])
+    # clip: the map over its 99th percentile, clipped at 1 (one bright pixel of 100 no longer sets the scale)
+    sparse = torch.full((1, 1, 10, 10), 0.01)
+    sparse[0, 0, 0, 0] = 1.0
+    clipped = heat_overlay(torch.zeros(1, 3, 10, 10), sparse, alpha=1.0, clip=0.5)
+    torch.testing.assert_close(clipped[0, :, 5, 5], heatmap(torch.ones(1, 1, 1, 1))[0, :, 0, 0])
+
+
+def test_long_captions_wrap_after_a_colon_or_at_a_space():
+    face = load_font(16)
+    assert _caption_lines("chelsea: Egyptian cat", face, face.getlength("chelsea: Egypt")) == [
+        "chelsea:",
+        "Egyptian cat",
+    ]
+    assert _caption_lines("a tabby cat", face, face.getlength("a tabby ")) == ["a tabby", "cat"]
