@@ -9,6 +9,7 @@ row is the median over the pairs. It also prints the memory the probe pass adds 
 allocated; CPU, Linux only: peak resident set).
 
     python benchmarks/bench_callback.py [--epochs 3] [--probe 8] [--repeats 5]
+    python benchmarks/bench_callback.py --views prism grad_cam saliency  # with the gradient views
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="/tmp/prism_bench_callback")
+    parser.add_argument(
+        "--views", nargs="+", default=["prism"], help="the monitor's views, e.g. prism grad_cam saliency"
+    )
     args = parser.parse_args()
     fit([], 1, args.out)  # warm-up
     print(
@@ -137,7 +141,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     ratios, net_ratios, peak = [], [], 0
     for run in range(1, args.repeats + 1):
-        monitor = TimedMonitor(num_images=args.probe)
+        monitor = TimedMonitor(num_images=args.probe, views=args.views)
         if run % 2:  # alternate which fit of the pair runs first, so drift within the process cancels
             without = fit([], args.epochs, args.out)
             with_cb = fit([monitor], args.epochs, args.out)

@@ -253,7 +253,8 @@ class _GraphCuts:
         self.batch = images.shape[0]
         self.final_layer = final_layer
         self.prefixes = declared_prefix_tokens(model.modules())
-        self.roots: list[Any] = []  # the autograd node that starts each root, in order
+        # The autograd node that starts the last root (only the last: a node keeps its root's memory alive).
+        self.last_root: Any = None
         self.seen = False  # the named final layer's tensor has appeared: cut nothing else
         self._layouts: dict[torch.Size, bool] = {}
 
@@ -287,7 +288,7 @@ class _GraphCuts:
             return t
         _grad_on()
         root = _graph_root(t)
-        self.roots.append(root.grad_fn)
+        self.last_root = root.grad_fn
         return root
 
     def _on_exit(self, named: bool) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
@@ -295,7 +296,7 @@ class _GraphCuts:
             if named:
                 self.seen = True
                 return _with_first_tensor(output, self._root)
-            if self.roots:
+            if self.last_root is not None:
                 _grad_on()
             if not self.seen and isinstance(output, Tensor) and self._is_map(output):
                 return self._root(output)
@@ -315,9 +316,9 @@ class _GraphCuts:
     def follows_last_root(self, t: Tensor) -> bool:
         """Whether ``t`` is the last root or was computed from it: then no cut lies between ``t`` and
         anything computed after it, and its whole path to the score is in the graph."""
-        if not self.roots or t.grad_fn is None:
+        if self.last_root is None or t.grad_fn is None:
             return False
-        last, seen, todo = self.roots[-1], set(), [t.grad_fn]
+        last, seen, todo = self.last_root, set(), [t.grad_fn]
         while todo and len(seen) < 10_000:
             node = todo.pop()
             if node is last:

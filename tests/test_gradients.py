@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import weakref
 
 import numpy as np
@@ -862,3 +863,30 @@ def test_prism_and_grad_cam_from_one_forward_equal_the_two_functions(make, seede
     torch.testing.assert_close(g.maps, expected_g.maps)
     assert not p.final.requires_grad and not p.maps.requires_grad and not g.maps.requires_grad
     assert hook_count(model) == 0
+
+
+def test_grad_cam_holds_no_more_activations_than_prism_while_the_head_runs(seeded):
+    """Every graph root keeps its activation alive through its autograd node: the forward must not hold
+    on to the roots it made, only to the last one (a list of them kept ResNet-50's whole forward)."""
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    images = torch.rand(2, 3, 64, 64)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), images]}
+
+    def alive_bytes() -> int:  # activations reachable from Python while the classifier starts
+        storages = {}
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.ndim == 4 and o.shape[1] > 1:
+                storage = o.untyped_storage()
+                if storage.data_ptr() not in skip:
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    at_head: list[int] = []
+    handle = model.fc.register_forward_pre_hook(lambda m, args: at_head.append(alive_bytes()))
+    try:
+        prism(model, images)
+        grad_cam(model, images)
+    finally:
+        handle.remove()
+    final_map = 2 * 512 * 2 * 2 * 4
+    assert at_head[1] <= at_head[0] + final_map, at_head
