@@ -30,9 +30,11 @@ __all__ = [
 
 Method = Literal["auto", "exact", "iterative"]
 METHODS: tuple[str, ...] = ("auto", "exact", "iterative")
-#: Iterate only when rows and channels both reach this; below, the exact route is about as fast
-#: (measured crossover on vgg16 and Lite0 final maps: 100 to 200 pixel rows).
-ITERATIVE_MIN_SIZE = 128
+#: Iterate only when rows and channels both reach this; below, the exact route is about as fast or
+#: faster (an eigendecomposition of at most 256×256): vgg16 and Lite0 final maps crossed over at 100
+#: to 200 pixel rows, and ViT-Tiny's 192 channels, whose random-init spectrum is flat at the top,
+#: took 15 ms to iterate and 5 ms exactly (benchmarks/README.md).
+ITERATIVE_MIN_SIZE = 256
 #: Extra directions iterated alongside the ``k`` wanted ones (block size ``k + OVERSAMPLING``).
 OVERSAMPLING = 13
 MAX_ITERATIONS = 64

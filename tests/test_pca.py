@@ -54,7 +54,7 @@ def test_principal_components_match_full_svd(n, c, hw, method, seeded):
 
 
 def test_auto_iterates_on_large_maps_and_matches_exact(seeded):
-    x = torch.relu(torch.randn(4, 256, 7, 7) + torch.linspace(-1, 1, 256).view(1, 256, 1, 1))
+    x = torch.relu(torch.randn(8, 256, 7, 7) + torch.linspace(-1, 1, 256).view(1, 256, 1, 1))
     exact = principal_components(x, method="exact")
     with mock.patch("lightning_prism.pca._exact", side_effect=AssertionError("exact route taken")):
         auto = principal_components(x)
