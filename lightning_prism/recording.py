@@ -511,6 +511,8 @@ class FeatureRecorder:
                 if classifier and x is not None and in_layout is not None:
                     linear = isinstance(module, nn.Linear)
                     self._classifier = (out, x, in_layout, self._producer(x) or name + INPUT_SUFFIX, linear)
+                else:  # hold no tensor of a module that made an earlier candidate
+                    self._classifier = None
             if enlarged:
                 self._padded[id(out)] = weakref.ref(out)
             elif (
