@@ -672,18 +672,25 @@ class PRISMMonitorBase:
         with trainer.precision_plugin.forward_context(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if shared:
-                result, cam = prism_and_grad_cam(
-                    target,
-                    images,
-                    classes,
-                    extrapolate=self.extrapolate,
-                    final_layer=self._relative(self.final_layer),
-                    stage_layers=None if self.stage_layers is None else [s[cut:] for s in self.stage_layers],
-                    basis=self.basis,  # type: ignore[arg-type]
-                    reference=reference,
-                )
-                maps["grad_cam"], output = cam.maps, result.output
-            elif "prism" in self.views:
+                try:
+                    result, cam = prism_and_grad_cam(
+                        target,
+                        images,
+                        classes,
+                        extrapolate=self.extrapolate,
+                        final_layer=self._relative(self.final_layer),
+                        stage_layers=None
+                        if self.stage_layers is None
+                        else [s[cut:] for s in self.stage_layers],
+                        basis=self.basis,  # type: ignore[arg-type]
+                        reference=reference,
+                    )
+                    maps["grad_cam"], output = cam.maps, result.output
+                except BasisMismatchError:
+                    raise
+                except Exception:  # PRISM on its own, then Grad-CAM as a view of its own (warns if it fails)
+                    shared = False
+            if not shared and "prism" in self.views:
                 result = self._prism(target, images, trainer, reference)
                 output = result.output
             for view in self.views:

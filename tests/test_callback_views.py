@@ -212,7 +212,8 @@ def test_target_label_without_labels_warns_once_and_explains_predictions(tmp_pat
     assert len(events(run.logger.log_dir).Images("prism/grad_cam")) == 2
 
 
-def test_a_view_that_fails_is_one_warning_and_the_others_go_on(tmp_path):
+@pytest.mark.parametrize("view", ["saliency", "grad_cam"])
+def test_a_view_that_fails_is_one_warning_and_the_others_go_on(tmp_path, view):
     class NoScores(TinyClassifier):
         """A forward whose output is a feature map, not class scores: PRISM works, gradients do not."""
 
@@ -223,15 +224,15 @@ def test_a_view_that_fails_is_one_warning_and_the_others_go_on(tmp_path):
             self.log("val_loss", self.model(batch[0]).logsumexp(1).mean())
 
     train, val = loaders()
-    monitor = PRISMMonitor(num_images=4, views=["prism", "saliency"])
+    monitor = PRISMMonitor(num_images=4, views=["prism", view])
     run = trainer(tmp_path, [monitor], max_epochs=2, num_sanity_val_steps=0)
     with pytest.warns(
-        UserWarning, match=r"could not compute the 'saliency' view: ValueError: the model must return"
+        UserWarning, match=rf"could not compute the '{view}' view: ValueError: the model must"
     ) as caught:
         run.fit(NoScores(), train, val)
-    assert sum("'saliency' view" in str(w.message) for w in caught) == 1
+    assert sum(f"'{view}' view" in str(w.message) for w in caught) == 1
     acc = events(run.logger.log_dir)
-    assert len(acc.Images("prism/maps")) == 2 and "prism/saliency" not in acc.Tags()["images"]
+    assert len(acc.Images("prism/maps")) == 2 and f"prism/{view}" not in acc.Tags()["images"]
 
 
 def test_the_evolution_strip_shows_the_chosen_view(tmp_path):
