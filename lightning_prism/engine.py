@@ -16,7 +16,7 @@ from .layout import FeatureLayout
 from .pca import align_components, explained_variance, principal_components, project
 from .recording import Recording, record
 
-__all__ = ["BASES", "BasisMismatchError", "PRISMResult", "prism"]
+__all__ = ["BASES", "BasisMismatchError", "PRISMResult", "check_inputs", "from_recording", "prism"]
 
 Basis = Literal["refit", "aligned", "fixed"]
 BASES: tuple[str, ...] = ("refit", "aligned", "fixed")
@@ -73,6 +73,20 @@ class PRISMResult:
         """``(K,)`` share of the variance of every principal component (see the attributes)."""
         with torch.no_grad(), torch.autocast(self.final.device.type, enabled=False):
             return explained_variance(self.final)
+
+
+def check_inputs(model: Any, images: Any, basis: Any = "refit") -> None:
+    """Raise ``TypeError``/``ValueError`` for a model that is no module, images that are not a non-empty
+    floating ``(N, C, H, W)`` batch, or an unknown ``basis``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = f"a {images.dtype} tensor" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"images must be a floating-point tensor, got {kind}")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
 
 
 def prism(
@@ -134,15 +148,7 @@ def prism(
         >>> result.maps.shape, result.final_layer, result.stage_layers
         (torch.Size([4, 3, 64, 64]), 'layer4', ['relu', 'layer1', 'layer2', 'layer3'])
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(images, Tensor) or not images.is_floating_point():
-        kind = f"a {images.dtype} tensor" if isinstance(images, Tensor) else type(images).__name__
-        raise TypeError(f"images must be a floating-point tensor, got {kind}")
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
-    if basis not in BASES:
-        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    check_inputs(model, images, basis)
 
     recording = record(
         model, images, final_layer=final_layer, stage_layers=stage_layers, inference_mode=inference_mode

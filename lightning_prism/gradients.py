@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from .engine import BASES, Basis, PRISMResult, from_recording
+from .engine import Basis, PRISMResult, check_inputs, from_recording
 from .hooks import ModuleTaps, wrappers_allowed
 from .layout import FeatureLayout, declared_prefix_tokens, infer_layout
 from .recording import FeatureRecorder, Recording, resolve_module
@@ -409,16 +409,6 @@ def _saliency_forward(model: nn.Module, x: Tensor) -> Any:
 
 
 # ---------------------------------------------------------------------------------- arguments
-def _check_inputs(model: Any, images: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(images, Tensor) or not images.is_floating_point():
-        kind = f"a {images.dtype} tensor" if isinstance(images, Tensor) else type(images).__name__
-        raise TypeError(f"images must be a floating-point tensor, got {kind}")
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
-
-
 def _check_targets(targets: Any, n: int, device: torch.device) -> Tensor | None:
     """``targets`` as an ``(N,)`` long tensor on ``device`` (``None`` stays ``None``).
 
@@ -543,7 +533,7 @@ def grad_cam(
         >>> r.maps.shape, r.cams.shape, r.layer, r.targets.tolist()
         (torch.Size([2, 1, 64, 64]), torch.Size([2, 1, 2, 2]), 'layer4', [3, 3])
     """
-    _check_inputs(model, images)
+    check_inputs(model, images)
     target_classes = _check_targets(targets, images.shape[0], images.device)
     inner, prefix = _unwrap(model)
     if layer is not None and not isinstance(layer, str):
@@ -593,9 +583,7 @@ def prism_and_grad_cam(
         >>> p.maps.shape, g.maps.shape, p.final_layer == g.layer == 'layer4'
         (torch.Size([2, 3, 64, 64]), torch.Size([2, 1, 64, 64]), True)
     """
-    _check_inputs(model, images)
-    if basis not in BASES:
-        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    check_inputs(model, images, basis)
     target_classes = _check_targets(targets, images.shape[0], images.device)
     inner, prefix = _unwrap(model)
     with _differentiable_eval(inner):
@@ -735,7 +723,7 @@ def saliency(model: nn.Module, images: Tensor, targets: Any = None, guided: bool
         >>> s.maps.shape, s.gradients.shape, s.targets.shape
         (torch.Size([2, 1, 64, 64]), torch.Size([2, 3, 64, 64]), torch.Size([2]))
     """
-    _check_inputs(model, images)
+    check_inputs(model, images)
     if not isinstance(guided, bool):
         raise TypeError(f"guided must be a bool, got {guided!r}")
     target_classes = _check_targets(targets, images.shape[0], images.device)
