@@ -3,12 +3,14 @@
 :func:`grad_cam` (Selvaraju et al.) weights the channels of a feature map ``A`` by the spatial mean of
 the gradient of a class score, ``alpha_k = mean_ij d y_c / d A_k[i, j]``, and keeps the positive part of
 ``sum_k alpha_k A_k``. It needs the gradient from the score back to ``A`` only, a backward through the
-network's head, and the forward it runs builds no autograd graph of the layers before ``A``: every
-candidate for the final feature map (the same candidates, and so the same final map, as
-:func:`~lightning_prism.prism`) is cut from the graph where it leaves its module and becomes a fresh
-root, so each segment's graph is released as soon as the next candidate appears. For a network that
-ends in global average pooling and one linear layer, this equals CAM (Zhou et al.) up to a positive
-factor.
+network's head, and the forward it runs keeps no autograd graph of the layers before ``A``: every
+module output that is a feature map of the batch (convolutional, channels-last or tokens) is cut from
+the graph where it leaves its module and becomes a fresh root (:class:`_GraphCuts`), so each segment's
+graph is released as soon as the next feature map appears. The same forward is recorded as
+:func:`~lightning_prism.prism` records it, so ``A`` is PRISM's final feature map, read through its
+:class:`~lightning_prism.layout.FeatureLayout`; :func:`prism_and_grad_cam` returns both from that one
+forward. For a network that ends in global average pooling and one linear layer, Grad-CAM equals CAM
+(Zhou et al.) up to a positive factor.
 
 :func:`saliency` (Simonyan et al.) is the gradient of the class score with respect to the input
 pixels, a full backward to the input; with ``guided=True`` the backward of every ``nn.ReLU`` module
