@@ -41,7 +41,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prism import build, keep_heap, plain
+from bench_prism import build, keep_heap, measure_peak, plain
 
 from lightning_prism import grad_cam, gradients, prism, prism_and_grad_cam, saliency
 
@@ -143,19 +142,6 @@ def peak_tensor_memory(call: Callable, model: nn.Module, images: torch.Tensor) -
     return peak
 
 
-def measure_peak(name: str, batch: int, method: str, runs: int) -> int:
-    peaks = []
-    for _ in range(runs):
-        out = subprocess.run(
-            [sys.executable, __file__, "--probe", name, str(batch), method],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        peaks.append(json.loads(out.strip().splitlines()[-1])["peak"])
-    return int(statistics.median(peaks))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -208,7 +194,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         tensors = {key: peak_tensor_memory(call, model, images) for key, call in calls.items()}
         peaks = (
-            {key: measure_peak(name, args.batch, key, args.memory_runs) for key in calls}
+            {key: measure_peak(name, args.batch, key, args.memory_runs, script=__file__) for key in calls}
             if args.memory_runs
             else {}
         )

@@ -117,12 +117,13 @@ def peak_memory_probe(name: str, batch: int, mode: str) -> None:
     print(json.dumps({"peak": int(hwm.split()[1]) * 1024 - rss}))
 
 
-def measure_peak(name: str, batch: int, mode: str, runs: int = 5) -> int:
-    """Median over ``runs`` fresh processes (the allocator makes single runs vary by tens of MB)."""
+def measure_peak(name: str, batch: int, mode: str, runs: int = 5, script: str = __file__) -> int:
+    """Median over ``runs`` fresh processes of ``script --probe name batch mode``, which prints its peak
+    as JSON (the allocator makes single runs vary by tens of MB)."""
     peaks = []
     for _ in range(runs):
         out = subprocess.run(
-            [sys.executable, __file__, "--probe", name, str(batch), mode],
+            [sys.executable, script, "--probe", name, str(batch), mode],
             capture_output=True,
             text=True,
             check=True,
