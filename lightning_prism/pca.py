@@ -30,10 +30,9 @@ __all__ = [
 
 Method = Literal["auto", "exact", "iterative"]
 METHODS: tuple[str, ...] = ("auto", "exact", "iterative")
-#: Iterate only when rows and channels both reach this; below, the exact route is about as fast or
-#: faster (an eigendecomposition of at most 256×256): vgg16 and Lite0 final maps crossed over at 100
-#: to 200 pixel rows, and ViT-Tiny's 192 channels, whose random-init spectrum is flat at the top,
-#: took 15 ms to iterate and 5 ms exactly (benchmarks/README.md).
+#: Iterate only when rows and channels both reach this; below, the exact route (an eigendecomposition
+#: of at most 256×256) is as fast or faster, also where the top of the spectrum is flat and iterating
+#: takes long (benchmarks/README.md).
 ITERATIVE_MIN_SIZE = 256
 #: Extra directions iterated alongside the ``k`` wanted ones (block size ``k + OVERSAMPLING``).
 OVERSAMPLING = 13
