@@ -622,20 +622,25 @@ class PRISMMonitorBase:
         self, target: nn.Module, images: Tensor, trainer: pl.Trainer, reference: Tensor | None
     ) -> PRISMResult:
         # Layer names are relative to the LightningModule; prism() takes them relative to `target`.
-        cut = 0 if self.module is None else len(self.module) + 1
         with trainer.precision_plugin.forward_context():
             return prism(
                 target,
                 images,
                 extrapolate=self.extrapolate,
-                final_layer=None if self.final_layer is None else self.final_layer[cut:],
-                stage_layers=None if self.stage_layers is None else [s[cut:] for s in self.stage_layers],
+                final_layer=self._relative(self.final_layer),
+                stage_layers=self._relative_stages(),
                 basis=self.basis,  # type: ignore[arg-type]
                 reference=reference,
                 # Lightning's choice for this loop: never during fit (inference tensors could reach
                 # training), nor with Trainer(inference_mode=False), FSDP, XLA or gloo.
                 inference_mode=torch.is_inference_mode_enabled(),
             )
+
+    def _relative_stages(self) -> list[str] | None:
+        """The stage layer names, made relative to the forward's module."""
+        if self.stage_layers is None:
+            return None
+        return [name for stage in self.stage_layers if (name := self._relative(stage)) is not None]
 
     def _relative(self, name: str | None) -> str | None:
         """A layer name relative to the LightningModule, made relative to the forward's module."""
@@ -665,7 +670,6 @@ class PRISMMonitorBase:
         """Every view of the probe: PRISM's result (or ``None``), the ``(N, 1, H, W)`` maps of the
         gradient views that succeeded, and the model's output."""
         shared = "prism" in self.views and "grad_cam" in self.views and self.grad_cam_layer is None
-        cut = 0 if self.module is None else len(self.module) + 1
         maps: dict[str, Tensor] = {}
         result, output = None, None
         # The gradient functions' warnings (such as a Grad-CAM that is zero everywhere) once per fit.
@@ -679,9 +683,7 @@ class PRISMMonitorBase:
                         classes,
                         extrapolate=self.extrapolate,
                         final_layer=self._relative(self.final_layer),
-                        stage_layers=None
-                        if self.stage_layers is None
-                        else [s[cut:] for s in self.stage_layers],
+                        stage_layers=self._relative_stages(),
                         basis=self.basis,  # type: ignore[arg-type]
                         reference=reference,
                     )

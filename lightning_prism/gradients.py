@@ -40,7 +40,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from .engine import Basis, PRISMResult, check_inputs, from_recording
 from .hooks import ModuleTaps, wrappers_allowed
 from .layout import FeatureLayout, declared_prefix_tokens, infer_layout
-from .recording import FeatureRecorder, Recording, resolve_module
+from .recording import FeatureRecorder, Recording, observed_modules, resolve_module
 
 __all__ = [
     "GradCAMResult",
@@ -200,16 +200,6 @@ class _GuidedReLU(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, out, 0).clamp_(min=0), None
 
 
-def _observed(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every module of ``model`` but the model itself and ``nn.Identity`` placeholders (they hand
-    their input on and produce nothing), named as :func:`~lightning_prism.prism` names them."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if module is not model and type(module) is not nn.Identity
-    ]
-
-
 def _grad_on(*args: Any) -> None:
     """Switch gradients on if the model switched them off."""
     if not torch.is_grad_enabled():
@@ -261,7 +251,7 @@ class _GraphCuts:
         self._layouts: dict[torch.Size, bool] = {}
 
     def attach(self, taps: ModuleTaps) -> None:
-        modules = _observed(self.model)
+        modules = observed_modules(self.model)
         wrap = wrappers_allowed(m for _, m in modules)
         named: nn.Module | None = None
         is_input = False
@@ -271,8 +261,8 @@ class _GraphCuts:
             taps.around(module, None, self._on_exit(module is named and not is_input), wrap=wrap)
         if named is not None and is_input:
             taps.before(named, self._cut_input)
-        elif named is not None and (named is self.model or type(named) is nn.Identity):
-            taps.after(named, lambda m, args, output: _with_first_tensor(output, self._root))
+        elif named is not None and all(named is not module for _, module in modules):  # a named nn.Identity
+            taps.around(named, None, self._on_exit(True), wrap=wrap)
 
     def _is_map(self, t: Tensor) -> bool:
         if not t.is_floating_point():
@@ -730,7 +720,7 @@ def saliency(model: nn.Module, images: Tensor, targets: Any = None, guided: bool
         raise TypeError(f"guided must be a bool, got {guided!r}")
     target_classes = _check_targets(targets, images.shape[0], images.device)
     inner, _ = _unwrap(model)
-    modules = _observed(inner)
+    modules = observed_modules(inner)
     wrap = wrappers_allowed(m for _, m in modules)
 
     guide = _guided_relus(inner) if guided else nullcontext(-1)

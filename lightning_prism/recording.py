@@ -85,6 +85,7 @@ __all__ = [
     "Recording",
     "declared_stages",
     "infer_layout",
+    "observed_modules",
     "output_tensor",
     "record",
     "resolve_module",
@@ -122,6 +123,16 @@ class Recording:
     stage_layers: list[str]
     output: Any = None
     source: Tensor | None = None
+
+
+def observed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules a recording watches: every module of ``model`` but the model itself and
+    ``nn.Identity`` placeholders (they hand their input on and produce nothing), with their names."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if module is not model and type(module) is not nn.Identity
+    ]
 
 
 def declared_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -391,8 +402,7 @@ class FeatureRecorder:
             # produces no tensor to name.
             observed = [
                 (name, m, bool(m._parameters) and any(p is not None for p in m._parameters.values()))
-                for name, m in modules
-                if m is not self.model and type(m) is not nn.Identity
+                for name, m in observed_modules(self.model)
             ]
             with_parameters = [(name, m) for name, m, has in observed if has]
             classifier = (

@@ -427,6 +427,17 @@ def test_identity_placeholders_are_never_the_layer(seeded):
     assert grad_cam(model, images, layer="8").layer == "8"  # named, it is used
 
 
+def test_a_named_identity_layer_keeps_its_path_to_the_score(seeded):
+    """An nn.Identity named as the layer (a placeholder that ends a container): its output is the
+    container's too, which must not be cut off again behind it."""
+    model = nn.Sequential(nn.Sequential(*tiny_cnn()[:8], nn.Identity()), *tiny_cnn()[8:]).eval()
+    images = torch.rand(2, 3, 32, 32)
+    named = grad_cam(model, images, targets=[0, 1], layer="0.8")
+    assert named.layer == "0.8"
+    torch.testing.assert_close(named.cams, grad_cam(model, images, targets=[0, 1], layer="0.7").cams)
+    assert hook_count(model) == 0
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_torchvision_architectures_default_to_prisms_final_feature_map(name):
     torch.manual_seed(0)
