@@ -51,7 +51,7 @@ def test_the_readme_command_serves_every_epochs_maps(tmp_path):
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
-        callbacks=[PRISMMonitor(num_images=4)],
+        callbacks=[PRISMMonitor(num_images=4, views=["prism", "grad_cam", "saliency"])],
         logger=logger,
         accelerator="cpu",
         enable_progress_bar=False,
@@ -90,7 +90,8 @@ def test_the_readme_command_serves_every_epochs_maps(tmp_path):
         )
         last = Image.open(io.BytesIO(written.Images("prism/maps")[-1].encoded_image_string))
         np.testing.assert_array_equal(np.asarray(shown.convert("RGB")), np.asarray(last.convert("RGB")))
-        assert len(served_images(base, "run/version_0", "prism/overlay")) == EPOCHS
+        for tag in ["prism/overlay", "prism/grad_cam", "prism/saliency", "prism/views"]:
+            assert [image["step"] for image in served_images(base, "run/version_0", tag)] == epochs, tag
     finally:
         os.kill(server.pid, signal.SIGTERM)
         try:
