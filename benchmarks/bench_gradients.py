@@ -8,7 +8,10 @@ on a shared machine hits them alike. Targets (issue #15): ``grad_cam()`` ≤ 1.1
 * ``grad_cam``, ``saliency``, ``guided``: this library (``guided`` is ``saliency(guided=True)``;
   EfficientNet-Lite0 has no ``nn.ReLU``, only ``nn.ReLU6``, so there it is the plain gradient);
 * ``prism``: ``prism()``, for reference; ``prism+grad_cam``: ``prism_and_grad_cam()``, both from
-  one forward, as ``PRISMMonitor(views=["prism", "grad_cam"])`` runs them (target ≤ 1.20);
+  one forward, as ``PRISMMonitor(views=["prism", "grad_cam"])`` runs them in its first epoch;
+* ``grad_cam, monitor`` and ``prism+grad_cam, monitor``: the same as the monitor runs them from its
+  second epoch on, told where the previous call's last graph cut fell (``cut_from``), so that
+  nothing before it is recorded (target ≤ 1.20 for the shared forward);
 * ``pgc GradCAM``, ``pgc EigenCAM``: pytorch-grad-cam, constructed and released inside the timed call
   (its hooks would otherwise slow every other method's forward), on ``layer4[-1]`` for ResNet-50
   and ``_bn1`` for EfficientNet-Lite0 (the map that our ``_swish`` rectifies: pytorch-grad-cam keeps
@@ -65,6 +68,21 @@ def library_layer(name: str, model: nn.Module) -> nn.Module:
     return model.layer4[-1] if name == "resnet50" else model._bn1
 
 
+_cut_from: dict[tuple[int, str], int] = {}  # (model, method): where the last call's last cut fell
+
+
+def as_in_the_monitor(method: str, function: Callable) -> Callable:
+    """``function(model, images, cut_from=...)`` told what its previous call on the model returned, as
+    the monitor does from its second epoch on."""
+
+    def run(model: nn.Module, images: torch.Tensor) -> object:
+        key = (id(model), method)
+        *result, _cut_from[key] = function(model, images, cut_from=_cut_from.get(key, 0))
+        return result
+
+    return run
+
+
 def methods(name: str, model: nn.Module, targets: torch.Tensor, layouts: bool) -> dict[str, Callable]:
     """Every method as ``f(model, images)``."""
     from captum.attr import Saliency
@@ -91,6 +109,8 @@ def methods(name: str, model: nn.Module, targets: torch.Tensor, layouts: bool) -
         "guided": lambda model, images: saliency(model, images, guided=True),
         "prism": prism,
         "prism+grad_cam": prism_and_grad_cam,
+        "grad_cam, monitor": as_in_the_monitor("grad_cam", gradients._grad_cam),
+        "prism+grad_cam, monitor": as_in_the_monitor("prism+grad_cam", gradients._prism_and_grad_cam),
         "pgc GradCAM": pgc(GradCAM),
         "pgc EigenCAM": pgc(EigenCAM),
         "Captum Saliency": lambda model, images: Saliency(model).attribute(

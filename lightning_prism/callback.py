@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .engine import BASES, BasisMismatchError, PRISMResult, prism
-from .gradients import grad_cam, prism_and_grad_cam, saliency
+from .gradients import _grad_cam, _prism_and_grad_cam, saliency
 from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
@@ -153,7 +153,10 @@ class PRISMMonitorBase:
       over the input with the same captions; with two views or more, ``<prefix>/views``, one row per
       probe image: the input, then every view side by side. They run on the LightningModule itself
       (never the DDP wrapper), with gradients switched on for the probe only: no parameter gets a
-      gradient, and the optimiser, gradient accumulation and DDP's gradient sync never see them;
+      gradient, and the optimiser, gradient accumulation and DDP's gradient sync never see them.
+      From the second epoch on, Grad-CAM's forward is told where the previous epoch's last graph
+      cut fell, so autograd records only the head (a model that now runs differently costs one
+      more forward, never a wrong map);
     * at the end of ``fit``, ``<prefix>_evolution.png``, stored with every logger's run that keeps
       files (TensorBoard's and CSV's log directory, W&B run files, MLflow artifacts; never the
       working directory): the probe, then one row of ``evolution_view`` overlays per logged epoch, at most
@@ -368,6 +371,9 @@ class PRISMMonitorBase:
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
         self._inputs_logged_to: weakref.WeakSet[Any] = weakref.WeakSet()  # loggers that got `inputs`
+        # Per Grad-CAM forward ("shared" or "grad_cam"): where its last graph cut fell in the previous
+        # epoch, so that the next forward records nothing before it (a wrong one costs a second forward).
+        self._cut_from: dict[str, int] = {}
         self._evolution.reset()
         #: Where ``on_fit_end`` stored the evolution strip: local paths, or MLflow artifact URIs.
         self.evolution_paths: list[str] = []
@@ -456,6 +462,7 @@ class PRISMMonitorBase:
         else:
             self._probe = None  # the probe of this run's validation dataloader
             self._probe_indices = self.indices
+            self._cut_from = {}  # perhaps another model
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -677,7 +684,7 @@ class PRISMMonitorBase:
             warnings.simplefilter("always")
             if shared:
                 try:
-                    result, cam = prism_and_grad_cam(
+                    result, cam, self._cut_from["shared"] = _prism_and_grad_cam(
                         target,
                         images,
                         classes,
@@ -686,6 +693,7 @@ class PRISMMonitorBase:
                         stage_layers=self._relative_stages(),
                         basis=self.basis,  # type: ignore[arg-type]
                         reference=reference,
+                        cut_from=self._cut_from.get("shared", 0),
                     )
                     maps["grad_cam"], output = cam.maps, result.output
                 except BasisMismatchError:
@@ -700,8 +708,12 @@ class PRISMMonitorBase:
                     continue
                 try:
                     if view == "grad_cam":
-                        gradient_view = grad_cam(
-                            target, images, classes, layer=self._relative(self.grad_cam_layer)
+                        gradient_view, self._cut_from["grad_cam"] = _grad_cam(
+                            target,
+                            images,
+                            classes,
+                            layer=self._relative(self.grad_cam_layer),
+                            cut_from=self._cut_from.get("grad_cam", 0),
                         )
                     else:
                         gradient_view = saliency(target, images, classes, guided=view == "guided_saliency")

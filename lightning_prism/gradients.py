@@ -3,10 +3,12 @@
 :func:`grad_cam` (Selvaraju et al.) weights the channels of a feature map ``A`` by the spatial mean of
 the gradient of a class score, ``alpha_k = mean_ij d y_c / d A_k[i, j]``, and keeps the positive part of
 ``sum_k alpha_k A_k``. It needs the gradient from the score back to ``A`` only, a backward through the
-network's head, and the forward it runs keeps no autograd graph of the layers before ``A``: every
-module output that is a feature map of the batch (convolutional, channels-last or tokens) is cut from
-the graph where it leaves its module and becomes a fresh root (:class:`_GraphCuts`), so each segment's
-graph is released as soon as the next feature map appears. The same forward is recorded as
+network's head, and the forward it runs keeps no autograd graph of the layers before ``A``: the
+parameters take no part in autograd during that forward, and every module output that is a feature
+map of the batch (convolutional, channels-last or tokens) is cut from the graph where it leaves its
+module and becomes a fresh root (:class:`_GraphCuts`), so each segment's graph is released as soon as
+the next feature map appears. A caller that runs the same model on the same batch shape again (the
+monitor, every epoch) can pass where the last cut fell, and then nothing before it is recorded. The same forward is recorded as
 :func:`~lightning_prism.prism` records it, so ``A`` is PRISM's final feature map, read through its
 :class:`~lightning_prism.layout.FeatureLayout`; :func:`prism_and_grad_cam` returns both from that one
 forward. For a network that ends in global average pooling and one linear layer, Grad-CAM equals CAM
@@ -231,6 +233,10 @@ class _GraphCuts:
     are cut only until that layer's tensor appears, and that tensor (at every call) is cut too, so
     that its path to the score is kept whatever follows.
 
+    With ``cut_from``, nothing is cut before the ``cut_from``-th module call has returned (the
+    :attr:`last_root_exit` of an earlier forward of the same model and batch shape): with the
+    parameters out of autograd (:func:`_parameters_frozen`), nothing before it is recorded at all.
+
     After the first cut, every module call switches gradients on if the model switched them off
     (``with torch.no_grad(): features = self.backbone(x)`` in a forward), so the head is
     differentiated whatever the model's own grad mode.
@@ -239,14 +245,19 @@ class _GraphCuts:
     the recorder then sees (and names) the roots, the tensors that flow on.
     """
 
-    def __init__(self, model: nn.Module, images: Tensor, final_layer: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, images: Tensor, final_layer: str | None = None, cut_from: int = 0
+    ) -> None:
         self.model = model
         self.image_size = (images.shape[-2], images.shape[-1])
         self.batch = images.shape[0]
         self.final_layer = final_layer
+        self.cut_from = cut_from
         self.prefixes = declared_prefix_tokens(model.modules())
         # The autograd node that starts the last root (only the last: a node keeps its root's memory alive).
         self.last_root: Any = None
+        self.exits = 0  # module calls that returned so far
+        self.last_root_exit = 0  # ... when the last root was made
         self.seen = False  # the named final layer's tensor has appeared: cut nothing else
         self._layouts: dict[torch.Size, bool] = {}
 
@@ -280,11 +291,14 @@ class _GraphCuts:
             return t
         _grad_on()
         root = _graph_root(t)
-        self.last_root = root.grad_fn
+        self.last_root, self.last_root_exit = root.grad_fn, self.exits
         return root
 
     def _on_exit(self, named: bool) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
         def on_exit(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            self.exits += 1
+            if self.exits < self.cut_from:
+                return None
             if named:
                 self.seen = True
                 return _with_first_tensor(output, self._root)
@@ -297,6 +311,8 @@ class _GraphCuts:
         return on_exit
 
     def _cut_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.exits < self.cut_from:
+            return None
         self.seen = True
         if args:
             return _with_first_tensor(args, self._root), kwargs
@@ -357,6 +373,25 @@ def _maths(device: torch.device) -> Any:
     for context in (torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False)):
         stack.enter_context(context)
     return stack
+
+
+@contextmanager
+def _parameters_frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter of ``model`` that requires grad does not for the body (restored on every path),
+    so that autograd records nothing that no tensor requiring grad flows into. Grad-CAM needs the
+    gradient with respect to a feature map only, never one of a parameter."""
+    frozen = [
+        p
+        for p in model.parameters()
+        if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter)
+    ]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 @contextmanager
@@ -525,6 +560,14 @@ def grad_cam(
         >>> r.maps.shape, r.cams.shape, r.layer, r.targets.tolist()
         (torch.Size([2, 1, 64, 64]), torch.Size([2, 1, 2, 2]), 'layer4', [3, 3])
     """
+    return _grad_cam(model, images, targets, layer)[0]
+
+
+def _grad_cam(
+    model: nn.Module, images: Tensor, targets: Any = None, layer: str | None = None, cut_from: int = 0
+) -> tuple[GradCAMResult, int]:
+    """:func:`grad_cam`, given where the last cut of an earlier call on the same model and batch shape
+    fell (``cut_from``, see :class:`_GraphCuts`), and returning where this call's fell."""
     check_inputs(model, images)
     target_classes = _check_targets(targets, images.shape[0], images.device)
     inner, prefix = _unwrap(model)
@@ -533,13 +576,16 @@ def grad_cam(
     layer = _strip(layer, prefix)
     with _differentiable_eval(inner):
         try:
-            recording, scores = _recorded_forward(inner, images, final_layer=layer)
+            # Grad-CAM needs no stage maps (stage_layers=[]: none is taken)
+            recording, scores, cut_from = _recorded_forward(
+                inner, images, final_layer=layer, stage_layers=[], cut_from=cut_from
+            )
         except ValueError as error:  # the recorder's words for this function's argument
             message = str(error)
             if message.startswith("final_layer "):
                 raise ValueError("layer " + message.removeprefix("final_layer ")) from None
             raise
-        return _grad_cam_of(recording, scores, target_classes, tuple(images.shape[-2:]), prefix)
+        return _grad_cam_of(recording, scores, target_classes, tuple(images.shape[-2:]), prefix), cut_from
 
 
 def prism_and_grad_cam(
@@ -575,12 +621,43 @@ def prism_and_grad_cam(
         >>> p.maps.shape, g.maps.shape, p.final_layer == g.layer == 'layer4'
         (torch.Size([2, 3, 64, 64]), torch.Size([2, 1, 64, 64]), True)
     """
+    prism_result, cam_result, _ = _prism_and_grad_cam(
+        model,
+        images,
+        targets,
+        extrapolate=extrapolate,
+        final_layer=final_layer,
+        stage_layers=stage_layers,
+        basis=basis,
+        reference=reference,
+    )
+    return prism_result, cam_result
+
+
+def _prism_and_grad_cam(
+    model: nn.Module,
+    images: Tensor,
+    targets: Any = None,
+    *,
+    extrapolate: bool = True,
+    final_layer: str | None = None,
+    stage_layers: Sequence[str] | None = None,
+    basis: Basis = "aligned",
+    reference: Tensor | None = None,
+    cut_from: int = 0,
+) -> tuple[PRISMResult, GradCAMResult, int]:
+    """:func:`prism_and_grad_cam`, given where the last cut of an earlier call on the same model and
+    batch shape fell (``cut_from``, see :class:`_GraphCuts`), and returning where this call's fell."""
     check_inputs(model, images, basis)
     target_classes = _check_targets(targets, images.shape[0], images.device)
     inner, prefix = _unwrap(model)
     with _differentiable_eval(inner):
-        recording, scores = _recorded_forward(
-            inner, images, final_layer=_strip(final_layer, prefix), stage_layers=stage_layers
+        recording, scores, cut_from = _recorded_forward(
+            inner,
+            images,
+            final_layer=_strip(final_layer, prefix),
+            stage_layers=stage_layers,
+            cut_from=cut_from,
         )
         size = (images.shape[-2], images.shape[-1])
         cam_result = _grad_cam_of(recording, scores, target_classes, size, prefix)
@@ -591,7 +668,7 @@ def prism_and_grad_cam(
         basis=basis,
         reference=reference,
     )
-    return prism_result, cam_result
+    return prism_result, cam_result, cut_from
 
 
 def _strip(layer: str | None, prefix: str) -> str | None:
@@ -605,20 +682,25 @@ def _recorded_forward(
     *,
     final_layer: str | None = None,
     stage_layers: Sequence[str] | None = None,
-) -> tuple[Recording, Tensor]:
-    """One forward with the graph cut at feature maps (:class:`_GraphCuts`), recorded by a
-    :class:`~lightning_prism.recording.FeatureRecorder`; the recording and the ``(N, K)`` scores.
+    cut_from: int = 0,
+) -> tuple[Recording, Tensor, int]:
+    """One forward with the parameters out of autograd and the graph cut at feature maps
+    (:class:`_GraphCuts`), recorded by a :class:`~lightning_prism.recording.FeatureRecorder`; the
+    recording, the ``(N, K)`` scores, and the ``cut_from`` that gives this forward's last cut to a
+    later forward of the same model and batch shape (0 when there is none to give).
 
     Without ``final_layer`` the graph is cut at every feature map, so the one the recorder chooses
     keeps its path to the score only if no cut came after it (it is the last cut or was computed
     from it: the usual case, a backbone then a head). Otherwise (the map entering a class-score
     convolution, or a head that makes feature maps of its own) a second forward cuts only up to the
-    chosen layer. Runs in the caller's grad mode, which must have gradients on.
+    chosen layer. A ``cut_from`` that came too late for the chosen map (the model now runs
+    differently) costs a second forward without it. Runs in the caller's grad mode, which must
+    have gradients on.
     """
-    cuts = _GraphCuts(model, images, final_layer)
+    cuts = _GraphCuts(model, images, final_layer, cut_from)
     recorder = FeatureRecorder(model, final_layer, stage_layers)
     x = _input(images)
-    with ModuleTaps() as taps:
+    with _parameters_frozen(model), ModuleTaps() as taps:
         cuts.attach(taps)
         with recorder:
             output = model(x)
@@ -626,11 +708,14 @@ def _recorded_forward(
     recording = recorder.recording(input_shape=images.shape)
     source = recording.source
     assert source is not None
-    if final_layer is None and not cuts.follows_last_root(source):
-        return _recorded_forward(
+    if (cut_from or final_layer is None) and not cuts.follows_last_root(source):
+        if cut_from:
+            return _recorded_forward(model, images, final_layer=final_layer, stage_layers=stage_layers)
+        recording, scores, _ = _recorded_forward(
             model, images, final_layer=recording.final_layer, stage_layers=recording.stage_layers
         )
-    return replace(recording, output=output), scores
+        return recording, scores, 0
+    return replace(recording, output=output), scores, cuts.last_root_exit
 
 
 def _grad_cam_of(
@@ -641,7 +726,7 @@ def _grad_cam_of(
     assert source is not None
     y, targets = _class_scores(scores, targets)
     gradient = None
-    if source.requires_grad:
+    if source.requires_grad and y.requires_grad:
         (gradient,) = torch.autograd.grad(y, source, allow_unused=True)
     if gradient is None:
         raise ValueError(f"the class scores do not depend on the final feature map of layer {layer!r}")

@@ -11,7 +11,7 @@ import torch
 from lit_helpers import Stripes, decode, events, loaders, make_module_class, trainer
 from torch.utils.data import DataLoader
 
-from lightning_prism import PRISMMonitor, grad_cam, prism, saliency
+from lightning_prism import PRISMMonitor, grad_cam, gradients, prism, saliency
 from lightning_prism.render import (
     _decode,
     caption_grid,
@@ -93,6 +93,31 @@ def test_the_grad_cam_view_explains_the_predicted_class_by_default(tmp_path):
     wrong = [y != p for y, p in zip(probe.labels.tolist(), predicted, strict=True)]
     picture = caption_grid(heat_overlay(denormalize(probe.images), maps, 0.5), captions, wrong)
     np.testing.assert_allclose(decode(acc.Images("prism/grad_cam")[-1]), picture, atol=2)
+
+
+@pytest.mark.parametrize(
+    ("views", "forward"), [(["prism", "grad_cam"], "shared"), (["grad_cam"], "grad_cam")]
+)
+def test_from_the_second_epoch_grad_cams_forward_records_nothing_before_its_last_cut(
+    tmp_path, monkeypatch, views, forward
+):
+    """Each epoch the monitor passes on where the previous epoch's last graph cut fell (the first
+    epoch has none); the pictures stay those of the fitted model (the test above)."""
+    told: list[int] = []
+
+    class Spy(gradients._GraphCuts):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            told.append(self.cut_from)
+
+    monkeypatch.setattr(gradients, "_GraphCuts", Spy)
+    train, val = loaders()
+    monitor = PRISMMonitor(num_images=4, views=views, strict=True, evolution_strip=False)
+    trainer(tmp_path, [monitor], max_epochs=3).fit(TinyClassifier(), train, val)
+    cut = monitor._cut_from[forward]
+    assert cut > 0 and told == [0, cut, cut]
+    trainer(tmp_path / "again", [monitor], max_epochs=1).fit(TinyClassifier(), train, val)
+    assert told[3] == 0  # a new fit: nothing carried over
 
 
 class Recorder(pl.Callback):

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import PHOTOS, assert_valid_maps, hook_count, tiny_cnn
 from lightning_prism import GradCAMResult, SaliencyResult, grad_cam, prism, saliency
-from lightning_prism.gradients import normalise_maps, prism_and_grad_cam
+from lightning_prism.gradients import _grad_cam, _prism_and_grad_cam, normalise_maps, prism_and_grad_cam
 
 
 # ---------------------------------------------------------------- independent float64 references
@@ -303,11 +303,14 @@ class PooledGate(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def forwards_of(model: nn.Module, images: torch.Tensor, **kwargs):
+def forwards_of(model: nn.Module, images: torch.Tensor, private: bool = False, **kwargs):
+    """``grad_cam(model, images, **kwargs)`` (with ``private``, the result of ``_grad_cam``, which
+    takes ``cut_from``) and how many forwards it ran."""
     forwards: list[int] = []
     handle = model.register_forward_pre_hook(lambda m, args: forwards.append(1))
     try:
-        return grad_cam(model, images, **kwargs), len(forwards)
+        result = _grad_cam(model, images, **kwargs)[0] if private else grad_cam(model, images, **kwargs)
+        return result, len(forwards)
     finally:
         handle.remove()
 
@@ -490,6 +493,7 @@ def test_hooks_removed_and_state_restored_after_an_exception(method):
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"boom"):
         METHODS[method](model, torch.rand(1, 3, 8, 8))
     assert hook_count(model) == 0 and all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # out of autograd only during the forward
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
@@ -901,3 +905,78 @@ def test_grad_cam_holds_no_more_activations_than_prism_while_the_head_runs(seede
         handle.remove()
     final_map = 2 * 512 * 2 * 2 * 4
     assert at_head[1] <= at_head[0] + final_map, at_head
+
+
+# ------------------------------------------------------------ a later forward, told where to cut
+def tensors_in(value) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else [v for v in value if isinstance(v, torch.Tensor)]
+
+
+def requires_grad_of_outputs(model: nn.Module, run):
+    """``run()``'s result and, per module call in order, (name, whether its output requires grad), as
+    the model's own code sees it (user forward hooks run before the library's)."""
+    seen: list[tuple[str, bool]] = []
+    handles = [
+        m.register_forward_hook(
+            lambda m, args, out, name=name: seen.append((name, any(t.requires_grad for t in tensors_in(out))))
+        )
+        for name, m in model.named_modules()
+        if m is not model
+    ]
+    try:
+        return run(), seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("make", "layer"),
+    [(tiny_cnn, None), (tiny_cnn, "4"), (Twice, "body"), (TinyViT, "blocks.0"), (ChannelsLastNet, None)],
+)
+def test_a_forward_told_where_the_last_cut_fell_records_nothing_before_it(make, layer, seeded):
+    """The monitor passes the previous epoch's ``cut_from``: the same Grad-CAM, and not one module
+    output before the final map takes part in autograd (without it, every one after the first map
+    does: the positive control)."""
+    model, images = make().eval(), torch.rand(2, 3, 32, 32)
+    first, cut = _grad_cam(model, images, [0, 1], layer)
+    assert cut > 0
+    (again, cut_again), seen = requires_grad_of_outputs(
+        model, lambda: _grad_cam(model, images, [0, 1], layer, cut_from=cut)
+    )
+    assert cut_again == cut and again.layer == first.layer
+    # (equal up to rounding: before the cut a transformer layer may take PyTorch's fused inference path)
+    torch.testing.assert_close(again.cams, first.cams, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again.maps, first.maps, rtol=0, atol=1e-5)
+    final = max(i for i, (name, _) in enumerate(seen) if name == first.layer)  # its last call
+    assert not any(requires for _, requires in seen[: final + 1])
+    assert any(requires for _, requires in seen[final + 1 :])  # the head is differentiated
+    _, control = requires_grad_of_outputs(model, lambda: _grad_cam(model, images, [0, 1], layer))
+    assert any(requires for _, requires in control[:final])
+    assert all(p.requires_grad for p in model.parameters()) and hook_count(model) == 0
+
+
+@pytest.mark.parametrize("cut_from", [1, 10_000])
+@pytest.mark.parametrize("make", [tiny_cnn, ClassScoreConv, Twice])
+def test_a_wrong_cut_from_costs_time_never_the_result(make, cut_from, seeded):
+    """Too early: more is recorded, one forward. Too late for the final map (the model now runs fewer
+    modules), or a model whose head makes maps of its own: a second forward, the same result."""
+    model, images = make().eval(), torch.rand(3, 3, 16, 16)
+    expected = grad_cam(model, images)
+    result, forwards = forwards_of(model, images, cut_from=cut_from, private=True)
+    assert result.layer == expected.layer
+    torch.testing.assert_close(result.cams, expected.cams, rtol=0, atol=0)
+    too_late = cut_from == 10_000
+    assert forwards == (1 if not too_late and make is not ClassScoreConv else 2 + (make is ClassScoreConv))
+
+
+@pytest.mark.parametrize("make", [tiny_cnn, ChannelsLastNet, ClassScoreConv])
+def test_prism_and_grad_cam_told_where_to_cut_give_the_same_results(make, seeded):
+    model, images = make().eval(), torch.rand(4, 3, 32, 32)
+    p, g, cut = _prism_and_grad_cam(model, images)
+    assert (cut == 0) == (make is ClassScoreConv)  # there the chosen map is found by a second forward
+    p2, g2, cut2 = _prism_and_grad_cam(model, images, cut_from=cut, basis="aligned", reference=p.components)
+    assert cut2 == cut and p2.stage_layers == p.stage_layers and g2.layer == g.layer
+    torch.testing.assert_close(g2.cams, g.cams, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p2.final, p.final, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p2.maps, p.maps, rtol=0, atol=1e-6)
