@@ -3,12 +3,12 @@
 :func:`grad_cam` (Selvaraju et al.) weights the channels of a feature map ``A`` by the spatial mean of
 the gradient of a class score, ``alpha_k = mean_ij d y_c / d A_k[i, j]``, and keeps the positive part of
 ``sum_k alpha_k A_k``. It needs the gradient from the score back to ``A`` only, a backward through the
-network's head, and the forward it runs keeps no autograd graph of the layers before ``A``: the
-parameters take no part in autograd during that forward, and every module output that is a feature
-map of the batch (convolutional, channels-last or tokens) is cut from the graph where it leaves its
-module and becomes a fresh root (:class:`_GraphCuts`), so each segment's graph is released as soon as
-the next feature map appears. A caller that runs the same model on the same batch shape again (the
-monitor, every epoch) can pass where the last cut fell, and then nothing before it is recorded. The same forward is recorded as
+network's head, and the forward it runs keeps no autograd graph of the layers before ``A``: every
+module output that is a feature map of the batch (convolutional, channels-last or tokens) is cut from
+the graph where it leaves its module and becomes a fresh root (:class:`_GraphCuts`), so each segment's
+graph is released as soon as the next feature map appears. A caller that runs the same model on the
+same batch shape again (the monitor, every epoch) can pass where the last cut fell: then gradients
+stay off until that cut, and nothing before it is recorded at all. The same forward is recorded as
 :func:`~lightning_prism.prism` records it, so ``A`` is PRISM's final feature map, read through its
 :class:`~lightning_prism.layout.FeatureLayout`; :func:`prism_and_grad_cam` returns both from that one
 forward. For a network that ends in global average pooling and one linear layer, Grad-CAM equals CAM
@@ -233,13 +233,15 @@ class _GraphCuts:
     are cut only until that layer's tensor appears, and that tensor (at every call) is cut too, so
     that its path to the score is kept whatever follows.
 
-    With ``cut_from``, nothing is cut before the ``cut_from``-th module call has returned (the
-    :attr:`last_root_exit` of an earlier forward of the same model and batch shape): with the
-    parameters out of autograd (:func:`_parameters_frozen`), nothing before it is recorded at all.
+    With ``cut_from`` > 0, nothing is cut before the ``cut_from``-th module call has returned (the
+    :attr:`last_root_exit` of an earlier forward of the same model and batch shape), and the forward
+    starts with gradients off: nothing before that cut is recorded at all (and a checkpointed
+    segment before it runs as a plain forward, so a backward never recomputes it).
 
     After the first cut, every module call switches gradients on if the model switched them off
-    (``with torch.no_grad(): features = self.backbone(x)`` in a forward), so the head is
-    differentiated whatever the model's own grad mode.
+    (``with torch.no_grad(): features = self.backbone(x)`` in a forward), at its end and, with
+    ``cut_from``, also at its start, so the head is differentiated whatever the model's own grad
+    mode.
 
     Attach it before the :class:`~lightning_prism.recording.FeatureRecorder` of the same forward:
     the recorder then sees (and names) the roots, the tensors that flow on.
@@ -268,8 +270,9 @@ class _GraphCuts:
         is_input = False
         if self.final_layer is not None:
             named, is_input = resolve_module(self.model, self.final_layer, allow_input=True)
+        on_enter = self._on_enter if self.cut_from > 0 else None
         for _, module in modules:
-            taps.around(module, None, self._on_exit(module is named and not is_input), wrap=wrap)
+            taps.around(module, on_enter, self._on_exit(module is named and not is_input), wrap=wrap)
         if named is not None and is_input:
             taps.before(named, self._cut_input)
         elif named is not None and all(named is not module for _, module in modules):  # a named nn.Identity
@@ -293,6 +296,10 @@ class _GraphCuts:
         root = _graph_root(t)
         self.last_root, self.last_root_exit = root.grad_fn, self.exits
         return root
+
+    def _on_enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.last_root is not None:
+            _grad_on()
 
     def _on_exit(self, named: bool) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
         def on_exit(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -373,25 +380,6 @@ def _maths(device: torch.device) -> Any:
     for context in (torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False)):
         stack.enter_context(context)
     return stack
-
-
-@contextmanager
-def _parameters_frozen(model: nn.Module) -> Iterator[None]:
-    """Every parameter of ``model`` that requires grad does not for the body (restored on every path),
-    so that autograd records nothing that no tensor requiring grad flows into. Grad-CAM needs the
-    gradient with respect to a feature map only, never one of a parameter."""
-    frozen = [
-        p
-        for p in model.parameters()
-        if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter)
-    ]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 @contextmanager
@@ -684,23 +672,23 @@ def _recorded_forward(
     stage_layers: Sequence[str] | None = None,
     cut_from: int = 0,
 ) -> tuple[Recording, Tensor, int]:
-    """One forward with the parameters out of autograd and the graph cut at feature maps
-    (:class:`_GraphCuts`), recorded by a :class:`~lightning_prism.recording.FeatureRecorder`; the
-    recording, the ``(N, K)`` scores, and the ``cut_from`` that gives this forward's last cut to a
-    later forward of the same model and batch shape (0 when there is none to give).
+    """One forward with the graph cut at feature maps (:class:`_GraphCuts`), recorded by a
+    :class:`~lightning_prism.recording.FeatureRecorder`; the recording, the ``(N, K)`` scores, and
+    the ``cut_from`` to give a later forward of the same model and batch shape.
 
     Without ``final_layer`` the graph is cut at every feature map, so the one the recorder chooses
     keeps its path to the score only if no cut came after it (it is the last cut or was computed
     from it: the usual case, a backbone then a head). Otherwise (the map entering a class-score
     convolution, or a head that makes feature maps of its own) a second forward cuts only up to the
-    chosen layer. A ``cut_from`` that came too late for the chosen map (the model now runs
-    differently) costs a second forward without it. Runs in the caller's grad mode, which must
-    have gradients on.
+    chosen layer, and the ``cut_from`` returned is 0 (none). A ``cut_from`` > 0 that fails (the
+    final map or the scores do not follow its cut: the model now runs differently, or switches
+    gradients off between its modules) costs a second forward without it, and the ``cut_from``
+    returned is -1: do not try again. Runs in the caller's grad mode, which must have gradients on.
     """
-    cuts = _GraphCuts(model, images, final_layer, cut_from)
+    cuts = _GraphCuts(model, images, final_layer, max(cut_from, 0))
     recorder = FeatureRecorder(model, final_layer, stage_layers)
     x = _input(images)
-    with _parameters_frozen(model), ModuleTaps() as taps:
+    with torch.set_grad_enabled(cut_from <= 0), ModuleTaps() as taps:
         cuts.attach(taps)
         with recorder:
             output = model(x)
@@ -708,14 +696,18 @@ def _recorded_forward(
     recording = recorder.recording(input_shape=images.shape)
     source = recording.source
     assert source is not None
-    if (cut_from or final_layer is None) and not cuts.follows_last_root(source):
-        if cut_from:
-            return _recorded_forward(model, images, final_layer=final_layer, stage_layers=stage_layers)
+    told_wrong = cut_from > 0 and not (cuts.follows_last_root(source) and cuts.follows_last_root(scores))
+    if told_wrong or (final_layer is None and not cuts.follows_last_root(source)):
+        if cut_from > 0:
+            recording, scores, _ = _recorded_forward(
+                model, images, final_layer=final_layer, stage_layers=stage_layers
+            )
+            return recording, scores, -1
         recording, scores, _ = _recorded_forward(
             model, images, final_layer=recording.final_layer, stage_layers=recording.stage_layers
         )
         return recording, scores, 0
-    return replace(recording, output=output), scores, cuts.last_root_exit
+    return replace(recording, output=output), scores, -1 if cut_from < 0 else cuts.last_root_exit
 
 
 def _grad_cam_of(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from conftest import PHOTOS, assert_valid_maps, hook_count, tiny_cnn
 from lightning_prism import GradCAMResult, SaliencyResult, grad_cam, prism, saliency
@@ -932,7 +933,14 @@ def requires_grad_of_outputs(model: nn.Module, run):
 
 @pytest.mark.parametrize(
     ("make", "layer"),
-    [(tiny_cnn, None), (tiny_cnn, "4"), (Twice, "body"), (TinyViT, "blocks.0"), (ChannelsLastNet, None)],
+    [
+        (tiny_cnn, None),
+        (tiny_cnn, "4"),
+        (Twice, "body"),
+        (TinyViT, "blocks.0"),
+        (ChannelsLastNet, None),
+        (lambda: BackboneUnderNoGrad(tiny_cnn()), None),
+    ],
 )
 def test_a_forward_told_where_the_last_cut_fell_records_nothing_before_it(make, layer, seeded):
     """The monitor passes the previous epoch's ``cut_from``: the same Grad-CAM, and not one module
@@ -956,18 +964,69 @@ def test_a_forward_told_where_the_last_cut_fell_records_nothing_before_it(make, 
     assert all(p.requires_grad for p in model.parameters()) and hook_count(model) == 0
 
 
-@pytest.mark.parametrize("cut_from", [1, 10_000])
-@pytest.mark.parametrize("make", [tiny_cnn, ClassScoreConv, Twice])
-def test_a_wrong_cut_from_costs_time_never_the_result(make, cut_from, seeded):
-    """Too early: more is recorded, one forward. Too late for the final map (the model now runs fewer
-    modules), or a model whose head makes maps of its own: a second forward, the same result."""
+class GlueAfterNoGrad(BackboneUnderNoGrad):
+    """Pools the map after its no-grad block with a function, not a module: a forward that starts with
+    gradients off (told where to cut) cannot switch them back on for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone[:8](x)
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def counted(model: nn.Module, run):
+    """``run()``'s result and how many forwards of ``model`` it ran."""
+    forwards: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: forwards.append(1))
+    try:
+        return run(), len(forwards)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("make", "cut_from", "forwards", "returned"),
+    [
+        (tiny_cnn, 1, 1, "the same"),  # too early: more is recorded
+        (tiny_cnn, 10_000, 2, -1),  # too late: the model now runs fewer modules
+        (Twice, 10_000, 2, -1),
+        (ClassScoreConv, 1, 3, -1),  # maps after the final one: then the named layer's forward
+        (lambda: GlueAfterNoGrad(tiny_cnn()), "the same", 2, -1),  # gradients off for the pooling
+        (lambda: GlueAfterNoGrad(tiny_cnn()), -1, 1, -1),  # told not to try again
+    ],
+)
+def test_a_wrong_cut_from_costs_time_never_the_result(make, cut_from, forwards, returned, seeded):
+    """A cut_from that does not fit the forward is seen after it (the final map does not follow the
+    last cut) and costs a second forward without it; the one returned (-1) says not to try again."""
     model, images = make().eval(), torch.rand(3, 3, 16, 16)
-    expected = grad_cam(model, images)
-    result, forwards = forwards_of(model, images, cut_from=cut_from, private=True)
-    assert result.layer == expected.layer
+    expected, right = _grad_cam(model, images)
+    cut_from = right if cut_from == "the same" else cut_from
+    (result, cut), ran = counted(model, lambda: _grad_cam(model, images, cut_from=cut_from))
+    assert result.layer == expected.layer and ran == forwards
+    assert cut == (right if returned == "the same" else returned)
     torch.testing.assert_close(result.cams, expected.cams, rtol=0, atol=0)
-    too_late = cut_from == 10_000
-    assert forwards == (1 if not too_late and make is not ClassScoreConv else 2 + (make is ClassScoreConv))
+
+
+def test_a_cut_inside_a_checkpointed_segment(seeded):
+    """Activation checkpointing (timm's and Hugging Face's ``set_grad_checkpointing``): the backward
+    recomputes a segment from its saved input. Grad-CAM at a layer inside the last segment, told or
+    not where to cut, equals Grad-CAM without checkpointing."""
+
+    class Checkpointed(Twice):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = checkpoint(self.body, self.pool(self.stem(x)), use_reentrant=False)
+            x = checkpoint(self.body, x, use_reentrant=False)
+            return self.fc(x.mean(dim=(2, 3)))
+
+    plain_model = Twice().eval()
+    model, images = Checkpointed().eval(), torch.rand(2, 3, 16, 16)
+    model.load_state_dict(plain_model.state_dict())
+    expected, _ = _grad_cam(plain_model, images, [1, 2], "body.0")
+    first, cut = _grad_cam(model, images, [1, 2], "body.0")
+    again, cut_again = _grad_cam(model, images, [1, 2], "body.0", cut_from=cut)
+    assert cut > 0 and cut_again == cut
+    for result in (first, again):
+        torch.testing.assert_close(result.cams, expected.cams, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("make", [tiny_cnn, ChannelsLastNet, ClassScoreConv])
