@@ -17,7 +17,14 @@ and given two random images. For each model the sweep prints one row:
   ``mean_c |A|`` of the outputs of the modules that timm's ``feature_info`` lists, at every
   resolution larger than the final map's (the last listed module at each resolution), and there
   are no others (timm only);
-* **grey**: the RGB maps are uniform (what under- or overflowing extrapolation used to give).
+* **grey**: the RGB maps are uniform (what under- or overflowing extrapolation used to give);
+* **grad-cam**: ``prism_and_grad_cam()`` as the monitor runs it, in its first epoch and then told where
+  the first call's last graph cut fell (``cut_from``, its later epochs): ``yes`` when both ran on
+  PRISM's final map and the second gave the first's Grad-CAM (to 1e-4 of its largest value) from a cut
+  that fitted; ``zero`` when, in addition, the gradient at the final map is zero everywhere (a model
+  that reads out a class token: only that token reaches the score; or a head that timm initialises to
+  zeros); ``no`` with the reason in the note. (A Grad-CAM that is zero because its weighted sum is
+  negative everywhere, which random weights can give, counts as ``yes``: the gradient is there.)
 
 The summary counts them per reference layout (``nchw``: CNNs and hybrids with convolutional
 outputs; ``nhwc``: channels-last models; ``tokens``: vision transformers and other token models).
@@ -26,6 +33,7 @@ outputs; ``nhwc``: channels-last models; ``tokens``: vision transformers and oth
     python benchmarks/zoo.py --source timm --per-family 2     # the two smallest of every timm family
     python benchmarks/zoo.py --models 'vit_*' resnet18 --source timm
     python benchmarks/zoo.py --source torchvision --max-params 1e9 --jsonl tv.jsonl
+    python benchmarks/zoo.py --source timm --min-params 30e6 --max-params 100e6 --per-family 1  # larger ones
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import torchvision
 from torch import Tensor, nn
 
 from lightning_prism import prism
+from lightning_prism.gradients import _prism_and_grad_cam
 from lightning_prism.recording import record
 
 #: torchvision: where the tensor entering global pooling is, by model class
@@ -81,6 +90,7 @@ class Row:
     stages: str = ""  # stage resolutions as feature_info's: yes / no / n/a
     stage_maps: str = ""  # and the stage maps too: yes / no / n/a
     grey: bool = False
+    grad_cam: str = ""  # yes / zero / no
     final_layer: str = ""
     stage_layers: list[str] = field(default_factory=list)
     note: str = ""
@@ -361,6 +371,8 @@ def check(source: str, family: str, name: str, params: float, size: int, timeout
             row.final = row.final or "n/a"
             row.stages = row.stages or "n/a"
             row.note = f"reference failed: {type(error).__name__}: {error}"[:300]
+        row.grad_cam, why = grad_cam_check(model, images, result.final_layer)
+        row.note = "; ".join(note for note in (row.note, why) if note)
     except _Timeout:
         row.status, row.note = "error", f"timeout after {timeout} s (not a PRISM error)"
     except Exception as error:  # building the model failed: not PRISM's
@@ -372,6 +384,24 @@ def check(source: str, family: str, name: str, params: float, size: int, timeout
     return row
 
 
+def grad_cam_check(model: nn.Module, images: Tensor, final_layer: str) -> tuple[str, str]:
+    """``(yes / zero / no, why not)`` for Grad-CAM from PRISM's forward, first without and then with
+    the ``cut_from`` that the first call returned, as the monitor's epochs run it."""
+    try:
+        _, first, cut = _prism_and_grad_cam(model, images)
+        _, again, cut_again = _prism_and_grad_cam(model, images, cut_from=cut)
+    except _Timeout:
+        raise
+    except Exception as error:
+        return "no", f"grad-cam: {type(error).__name__}: {error}"[:300]
+    if first.layer != final_layer:
+        return "no", f"grad-cam: layer {first.layer!r}, PRISM's {final_layer!r}"
+    scale = float(first.cams.abs().max())
+    if cut_again != cut or not torch.allclose(again.cams, first.cams, rtol=0, atol=1e-4 * scale + 1e-12):
+        return "no", f"grad-cam: told where to cut ({cut}, then {cut_again}), a different Grad-CAM"
+    return ("yes" if bool(first.alpha.any()) else "zero"), ""
+
+
 # ------------------------------------------------------------------------------- report
 def summary(rows: list[Row]) -> str:
     ran = [r for r in rows if r.status == "ran"]
@@ -380,8 +410,9 @@ def summary(rows: list[Row]) -> str:
         f"models: {len(rows)}; ran: {len(ran)}; error: {len(errors)}; "
         f"skipped (could not be built, or over the size limit): {sum(r.status == 'skipped' for r in rows)}",
         "",
-        "| source | reference layout | ran | final map matches | stage resolutions match | stage maps match | grey |",
-        "|---|---|---|---|---|---|---|",
+        "| source | reference layout | ran | final map matches | stage resolutions match | stage maps match | grey "
+        "| Grad-CAM as the monitor runs it (of which zero) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for r in ran:
@@ -392,7 +423,9 @@ def summary(rows: list[Row]) -> str:
         lines.append(
             f"| {source} | {layout} | {len(group)} | {sum(r.final == 'yes' for r in final_known)}/{len(final_known)} "
             f"| {sum(r.stages == 'yes' for r in staged)}/{len(staged)} "
-            f"| {sum(r.stage_maps == 'yes' for r in staged)}/{len(staged)} | {sum(r.grey for r in group)} |"
+            f"| {sum(r.stage_maps == 'yes' for r in staged)}/{len(staged)} | {sum(r.grey for r in group)} "
+            f"| {sum(r.grad_cam in ('yes', 'zero') for r in group)}/{len(group)} "
+            f"({sum(r.grad_cam == 'zero' for r in group)}) |"
         )
     return "\n".join(lines)
 
@@ -400,14 +433,14 @@ def summary(rows: list[Row]) -> str:
 def table(rows: list[Row]) -> str:
     lines = [
         "| source | family | model | M params | size | status | layout | final | stage resolutions | stage maps "
-        "| grey | final layer | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| grey | grad-cam | final layer | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = r.note.replace("|", "/").replace("\n", " ")
         lines.append(
             f"| {r.source} | {r.family} | {r.model} | {r.params} | {r.size} | {r.status} | {r.layout} | {r.final} "
-            f"| {r.stages} | {r.stage_maps} | {'grey' if r.grey else ''} | {r.final_layer} | {note} |"
+            f"| {r.stages} | {r.stage_maps} | {'grey' if r.grey else ''} | {r.grad_cam} | {r.final_layer} | {note} |"
         )
     return "\n".join(lines)
 
@@ -422,6 +455,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=[], help="name patterns (fnmatch); all if omitted")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--max-params", type=float, default=30e6, help="skip larger models (default 30 M)")
+    parser.add_argument("--min-params", type=float, default=0, help="leave out smaller models (default 0)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--jsonl", help="also write one JSON line per model here")
     parser.add_argument("--table", action="store_true", help="print the full per-model table at the end")
@@ -441,6 +475,8 @@ def main() -> None:
     if "torchvision" in args.source:
         models += torchvision_models(args.models)
     listed = [(source, name, params_on_meta(source, name), _family(source, name)) for source, name in models]
+    if args.min_params:  # models whose size could not be read stay in
+        listed = [entry for entry in listed if not entry[2] * 1e6 < args.min_params]
     if args.per_family:
         listed = smallest_per_family(listed, args.per_family, args.max_params / 1e6)
     out = open(args.jsonl, "w") if args.jsonl else None  # noqa: SIM115 - written row by row
@@ -455,7 +491,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"{row.source:11} {row.model:48} {row.status:7} {row.layout:6} final={row.final:3} "
-            f"stages={row.stages:3} maps={row.stage_maps:3} {'GREY ' if row.grey else ''}{row.seconds:6.1f}s "
+            f"stages={row.stages:3} maps={row.stage_maps:3} cam={row.grad_cam:4} {'GREY ' if row.grey else ''}"
+            f"{row.seconds:6.1f}s "
             f"{row.note[:160]}",
             file=sys.stderr,
             flush=True,

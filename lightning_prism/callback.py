@@ -720,9 +720,10 @@ class PRISMMonitorBase:
                 except Exception as error:
                     if self.strict:
                         raise
+                    reason = str(error).replace("pass layer=", "pass grad_cam_layer=")
                     self._warn_once(
                         f"view:{view}",
-                        f"PRISMMonitor could not compute the {view!r} view: {type(error).__name__}: {error}. "
+                        f"PRISMMonitor could not compute the {view!r} view: {type(error).__name__}: {reason}. "
                         "The other views go on; pass strict=True to raise instead.",
                     )
                     continue

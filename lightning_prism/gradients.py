@@ -721,15 +721,20 @@ def _grad_cam_of(
     if source.requires_grad and y.requires_grad:
         (gradient,) = torch.autograd.grad(y, source, allow_unused=True)
     if gradient is None:
-        raise ValueError(f"the class scores do not depend on the final feature map of layer {layer!r}")
+        raise ValueError(
+            f"the class scores do not depend on the final feature map of layer {layer!r} (a model such as PiT "
+            "reads a class token out beside it); pass layer= a map that the scores are computed from, such as "
+            "the first norm of the last block"
+        )
     with _maths(source.device):
         a, g = _feature_map(source, gradient, recording.final_layout)
         if not bool(g.any()):
             warnings.warn(
                 f"Grad-CAM of layer {layer!r} is zero for every image: the class scores do not depend on its "
                 "positions (a vision transformer that reads out its class token sees the patch tokens only through "
-                "attention, and its final norm works token by token). Pass layer= a map before the last attention, "
-                "such as the last block's first norm (timm: 'blocks.<last>.norm1').",
+                "attention, and its final norm works token by token; or the classifier's weights are still all "
+                "zero, as timm initialises some heads). Pass layer= a map before the last attention, such as the "
+                "last block's first norm (timm: 'blocks.<last>.norm1').",
                 UserWarning,
                 stacklevel=3,
             )

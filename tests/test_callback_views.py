@@ -260,6 +260,30 @@ def test_a_view_that_fails_is_one_warning_and_the_others_go_on(tmp_path, view):
     assert len(acc.Images("prism/maps")) == 2 and f"prism/{view}" not in acc.Tags()["images"]
 
 
+def test_scores_read_out_beside_the_final_map_name_grad_cam_layer(tmp_path):
+    """PiT's way: the class scores come from something computed beside the final map, not from it, so
+    Grad-CAM at the final map has no gradient; the warning names the monitor's option."""
+
+    class ReadsAside(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aside = torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            mid = self.model[:5](x)
+            self.model[5:8](mid)  # the final map (32 channels, 8×8), which the scores do not use
+            return self.aside(mid.mean(dim=(2, 3)))
+
+    train, val = loaders()
+    monitor = PRISMMonitor(num_images=4, views=["prism", "grad_cam"])
+    run = trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=0)
+    with pytest.warns(
+        UserWarning, match=r"do not depend on the final feature map of layer 'model.7'.*grad_cam_layer="
+    ):
+        run.fit(ReadsAside(), train, val)
+    assert "prism/maps" in events(run.logger.log_dir).Tags()["images"]
+
+
 def test_the_evolution_strip_shows_the_chosen_view(tmp_path):
     train, val = loaders()
     module = TinyClassifier()
