@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .engine import BASES, BasisMismatchError, PRISMResult, prism
-from .gradients import _grad_cam, _prism_and_grad_cam, saliency
+from .gradients import _grad_cam, _prism_and_grad_cam, attention_input, saliency
 from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
@@ -209,9 +209,11 @@ class PRISMMonitorBase:
         target: the class the gradient views explain: ``"prediction"`` (the model's) or ``"label"``
             (the probe's true labels).
         grad_cam_layer: module name (relative to the LightningModule) of Grad-CAM's layer; ``None``:
-            PRISM's final feature map, computed from PRISM's own forward. For a vision transformer that
-            reads out its class token, the final map's gradient is zero (only the class token reaches
-            the head): name the last block (for timm, ``"model.blocks.11"``) or its input.
+            PRISM's final feature map, computed from PRISM's own forward, unless the gradient there is
+            zero for every image (a vision transformer that reads out its class token: only that token
+            reaches the head); then, with one warning, the input of the block of the model's last
+            attention (:func:`~lightning_prism.gradients.attention_input`; for timm's ViT-B,
+            ``"model.blocks.11:input"``), from the next epoch on in a forward of its own.
         evolution_view: the view the evolution strip shows (one of ``views``; default the first).
         strict: raise instead of warning when PRISM fails at run time.
 
@@ -374,6 +376,9 @@ class PRISMMonitorBase:
         # Per Grad-CAM forward ("shared" or "grad_cam"): where its last graph cut fell in the previous
         # epoch, so that the next forward records nothing before it (a wrong one costs a second forward).
         self._cut_from: dict[str, int] = {}
+        # Grad-CAM's layer (relative to the forward's module) when PRISM's final map gave a zero gradient
+        self._grad_cam_fallback: str | None = None
+        self._fallback_message: str | None = None
         self._evolution.reset()
         #: Where ``on_fit_end`` stored the evolution strip: local paths, or MLflow artifact URIs.
         self.evolution_paths: list[str] = []
@@ -463,6 +468,7 @@ class PRISMMonitorBase:
             self._probe = None  # the probe of this run's validation dataloader
             self._probe_indices = self.indices
             self._cut_from = {}  # perhaps another model
+            self._grad_cam_fallback = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -676,9 +682,10 @@ class PRISMMonitorBase:
     ) -> tuple[PRISMResult | None, dict[str, Tensor], Any]:
         """Every view of the probe: PRISM's result (or ``None``), the ``(N, 1, H, W)`` maps of the
         gradient views that succeeded, and the model's output."""
-        shared = "prism" in self.views and "grad_cam" in self.views and self.grad_cam_layer is None
+        own_layer = self.grad_cam_layer is not None or self._grad_cam_fallback is not None
+        shared = "prism" in self.views and "grad_cam" in self.views and not own_layer
         maps: dict[str, Tensor] = {}
-        result, output = None, None
+        result, output, alpha = None, None, None
         # The gradient functions' warnings (such as a Grad-CAM that is zero everywhere) once per fit.
         with trainer.precision_plugin.forward_context(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -695,7 +702,7 @@ class PRISMMonitorBase:
                         reference=reference,
                         cut_from=self._cut_from.get("shared", 0),
                     )
-                    maps["grad_cam"], output = cam.maps, result.output
+                    maps["grad_cam"], output, alpha = cam.maps, result.output, cam.alpha
                 except BasisMismatchError:
                     raise
                 except Exception:  # PRISM on its own, then Grad-CAM as a view of its own (warns if it fails)
@@ -712,9 +719,10 @@ class PRISMMonitorBase:
                             target,
                             images,
                             classes,
-                            layer=self._relative(self.grad_cam_layer),
+                            layer=self._relative(self.grad_cam_layer) or self._grad_cam_fallback,
                             cut_from=self._cut_from.get("grad_cam", 0),
                         )
+                        alpha = gradient_view.alpha
                     else:
                         gradient_view = saliency(target, images, classes, guided=view == "guided_saliency")
                 except Exception as error:
@@ -729,10 +737,46 @@ class PRISMMonitorBase:
                     continue
                 maps[view] = gradient_view.maps
                 output = gradient_view.output if output is None else output
+            if alpha is not None and not own_layer and not bool(alpha.any()):
+                replaced = self._grad_cam_at_attention(target, images, classes, result)
+                if replaced is not None:
+                    maps["grad_cam"] = replaced
+                    caught = [w for w in caught if "is zero for every image" not in str(w.message)]
         for warning in caught:
             message = str(warning.message).replace("Pass layer=", "Pass grad_cam_layer=")
             self._warn_once(f"view-warning:{message[:100]}", message)
+        if self._fallback_message is not None:
+            self._warn_once("grad-cam-at-attention", self._fallback_message)
+            self._fallback_message = None
         return result, maps, output
+
+    def _grad_cam_at_attention(
+        self, target: nn.Module, images: Tensor, classes: Tensor | None, result: PRISMResult | None
+    ) -> Tensor | None:
+        """Grad-CAM's maps at the input of the block of the last attention
+        (:func:`~lightning_prism.gradients.attention_input`), for a model whose gradient at PRISM's final
+        map is zero everywhere (a class-token readout); from then on the view uses that layer. ``None`` if the model has no attention module or the gradient
+        there is zero too (a classifier still at zero)."""
+        layer = attention_input(target)
+        if layer is None:
+            return None
+        try:
+            view, self._cut_from["grad_cam"] = _grad_cam(target, images, classes, layer=layer)
+        except Exception:
+            return None
+        if not bool(view.alpha.any()):
+            return None
+        self._grad_cam_fallback = layer
+        module_prefix = "" if self.module is None else self.module + "."
+        final = "" if result is None else f" {module_prefix + result.final_layer!r}"
+        # warned after the views' warnings are collected (this runs while they are)
+        self._fallback_message = (
+            f"PRISMMonitor: Grad-CAM at PRISM's final feature map{final} is zero for every image (the class "
+            "scores do not depend on its positions: a vision transformer that reads out its class token sees the "
+            f"patch tokens only through attention), so the grad_cam view shows Grad-CAM at {module_prefix + layer!r}, "
+            "the input of the block of its last attention. Pass grad_cam_layer= to choose the layer."
+        )
+        return view.maps
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
         """One pass of every view on the probe; pictures logged from rank zero; the scalars returned."""

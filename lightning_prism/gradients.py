@@ -28,6 +28,7 @@ autocast (the forward runs in the caller's precision, the maths in float32).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -47,6 +48,7 @@ from .recording import FeatureRecorder, Recording, observed_modules, resolve_mod
 __all__ = [
     "GradCAMResult",
     "SaliencyResult",
+    "attention_input",
     "cam",
     "grad_cam",
     "normalise_maps",
@@ -122,6 +124,43 @@ def cam(activations: Tensor, gradients: Tensor) -> tuple[Tensor, Tensor]:
     alpha = gradients.mean(dim=(2, 3))
     cams = torch.einsum("nc,nchw->nhw", alpha, activations).unsqueeze(1).clamp_(min=0)
     return cams, alpha
+
+
+def attention_input(model: nn.Module) -> str | None:
+    """The tokens that go into the block of a model's last attention: ``"<block>:input"``, or ``None``.
+
+    The last attention is the last module (in registration order, the outermost of nested ones)
+    whose class name says attention (``Attention``, ``Attn``: timm's, Hugging Face's,
+    ``nn.MultiheadAttention``); its block is that module itself if its class name says block or
+    layer (CaiT's and XCiT's class-attention blocks), else the module that holds it. The block's
+    input feeds the attention's queries, keys and values alike.
+
+    A model that reads out a class token sees its patch tokens only through attention, so Grad-CAM at
+    its final map is zero; here it is what pytorch-grad-cam's ViT recipe shows (the last block's first
+    norm), one norm earlier.
+
+    Example::
+
+        >>> from torchvision.models import VisionTransformer
+        >>> vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+        >>> attention_input(vit)
+        'encoder.layers.encoder_layer_1:input'
+    """
+    last: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if module is model or (last is not None and name.startswith(last[0] + ".")):
+            continue
+        if _ATTENTION.search(type(module).__name__):
+            last = (name, module)
+    if last is None:
+        return None
+    name, module = last
+    block = name if _BLOCK.search(type(module).__name__) or "." not in name else name.rsplit(".", 1)[0]
+    return block + ":input"
+
+
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_BLOCK = re.compile(r"block|layer", re.IGNORECASE)
 
 
 def normalise_maps(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:

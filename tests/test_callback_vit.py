@@ -14,7 +14,7 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_prism import PRISMMonitor, prism
+from lightning_prism import PRISMMonitor, grad_cam, prism
 from lightning_prism.layout import FeatureLayout
 
 timm = pytest.importorskip("timm")
@@ -113,36 +113,48 @@ class KeepingMonitor(PRISMMonitor):
         return result, maps, output
 
 
-def test_vit_grad_cam_view_at_the_last_attention_and_a_warning_at_the_final_norm(tmp_path):
-    """A class-token ViT: at the final norm (the default layer) Grad-CAM is zero, one warning says where
-    to look instead; at the last block's first norm the view has structure."""
+def last_module_of_class(model: torch.nn.Module, class_name: str) -> str:
+    return [name for name, m in model.named_modules() if type(m).__name__ == class_name][-1]
 
-    def fit(monitor, name):
-        torch.manual_seed(0)
-        module, (train, val) = ViTClassifier(timm_vit()), loaders()
-        logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
-        trainer = pl.Trainer(
-            max_epochs=2, callbacks=[monitor], logger=logger, accelerator="cpu", enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        )  # fmt: skip
-        trainer.fit(module, train, val)
-        events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
-        events.Reload()
-        return events.Images("prism/grad_cam")
 
-    at_norm = KeepingMonitor(num_images=4, views=["prism", "grad_cam"])
-    with pytest.warns(
-        UserWarning, match=r"Grad-CAM of layer 'model.norm' is zero for every image.*Pass grad_cam_layer="
-    ) as caught:
-        logged_at_norm = fit(at_norm, "norm")
-    assert sum("is zero for every image" in str(w.message) for w in caught) == 1  # once for the fit
-    at_attention = KeepingMonitor(
-        num_images=4, views=["prism", "grad_cam"], grad_cam_layer="model.blocks.1.norm1"
-    )
+def fit_vit(tmp_path, monitor, build, name):
+    torch.manual_seed(0)
+    module, (train, val) = ViTClassifier(build()), loaders()
+    logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[monitor], logger=logger, accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, train, val)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    return module, events.Images("prism/grad_cam")
+
+
+@pytest.mark.parametrize(("build", "block_class"), [(timm_vit, "Block"), (HFLogits, "ViTLayer")])
+def test_vit_grad_cam_view_moves_to_the_last_attention_with_one_warning(tmp_path, build, block_class):
+    """A class-token ViT: at the final norm (PRISM's final map) Grad-CAM's gradient is zero, so with no
+    grad_cam_layer the view shows Grad-CAM at the input of the last block (its attention's queries,
+    keys and values), and says so once."""
+    monitor = KeepingMonitor(num_images=4, views=["prism", "grad_cam"])
+    with pytest.warns(UserWarning, match=r"Grad-CAM at PRISM's final feature map 'model\.") as caught:
+        module, logged = fit_vit(tmp_path, monitor, build, "default")
+    layer = "model." + last_module_of_class(module.model, block_class) + ":input"
+    said = [str(w.message) for w in caught if "PRISM's final feature map" in str(w.message)]
+    assert len(said) == 1 and f"shows Grad-CAM at {layer!r}" in said[0]
+    assert not any("Grad-CAM of layer" in str(w.message) for w in caught)  # the plain zero warning
+    assert len(logged) == 2
+    expected = grad_cam(module, monitor._probe.images, layer=layer).maps  # the fitted model, its predictions
+    torch.testing.assert_close(monitor.kept["grad_cam"], expected, rtol=0, atol=1e-5)
+    spread = expected.flatten(1)
+    assert bool((spread.amax(1) - spread.amin(1) > 0.5).all())  # every image's map has a hot and a cold part
+
+
+def test_vit_grad_cam_layer_given_is_used_without_a_warning(tmp_path):
+    monitor = KeepingMonitor(num_images=4, views=["prism", "grad_cam"], grad_cam_layer="model.blocks.1.norm1")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*(PRISM|Grad-CAM).*")
-        logged_at_attention = fit(at_attention, "attention")
-    assert len(logged_at_norm) == len(logged_at_attention) == 2
-    assert not at_norm.kept["grad_cam"].any()  # zero everywhere: the picture is the plain input
-    spread = at_attention.kept["grad_cam"].flatten(1)
-    assert bool((spread.amax(1) - spread.amin(1) > 0.5).all())  # every image's map has a hot and a cold part
+        module, logged = fit_vit(tmp_path, monitor, timm_vit, "given")
+    assert len(logged) == 2
+    expected = grad_cam(module, monitor._probe.images, layer="model.blocks.1.norm1").maps
+    torch.testing.assert_close(monitor.kept["grad_cam"], expected, rtol=0, atol=1e-5)

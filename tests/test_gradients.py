@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from conftest import PHOTOS, assert_valid_maps, hook_count, tiny_cnn
-from lightning_prism import GradCAMResult, SaliencyResult, grad_cam, prism, saliency
+from lightning_prism import GradCAMResult, SaliencyResult, grad_cam, gradients, prism, saliency
 from lightning_prism.gradients import _grad_cam, _prism_and_grad_cam, normalise_maps, prism_and_grad_cam
 
 
@@ -1039,3 +1039,30 @@ def test_prism_and_grad_cam_told_where_to_cut_give_the_same_results(make, seeded
     torch.testing.assert_close(g2.cams, g.cams, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(p2.final, p.final, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(p2.maps, p.maps, rtol=0, atol=1e-6)
+
+
+# -------------------------------------------------------------- where a class-token model's attention is
+def test_attention_input_is_the_last_attention_and_grad_cam_there_is_not_zero(seeded):
+    """TinyViT reads out its class token: Grad-CAM at its final norm is zero; at the input of the
+    encoder layer that holds its last attention (an nn.MultiheadAttention, given that tensor as
+    queries, keys and values) it is not."""
+    model, images = TinyViT().eval(), torch.rand(2, 3, 32, 32)
+    assert gradients.attention_input(model) == "blocks.1:input"
+    with pytest.warns(UserWarning, match=r"is zero for every image"):
+        assert not grad_cam(model, images).alpha.any()
+    at_attention = grad_cam(model, images, layer="blocks.1:input")
+    assert at_attention.alpha.abs().sum() > 0 and at_attention.cams.shape == (2, 1, 4, 4)
+    assert gradients.attention_input(tiny_cnn()) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("vit_tiny_patch16_224", "blocks.11:input"),
+        ("cait_xxs24_224", "blocks_token_only.1:input"),  # the last class-attention block
+        ("xcit_nano_12_p16_224", "cls_attn_blocks.1:input"),
+    ],
+)
+def test_attention_input_of_timm_class_token_models(name, expected):
+    timm = pytest.importorskip("timm")
+    assert gradients.attention_input(timm.create_model(name, pretrained=False)) == expected
