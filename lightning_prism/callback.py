@@ -378,7 +378,6 @@ class PRISMMonitorBase:
         self._cut_from: dict[str, int] = {}
         # Grad-CAM's layer (relative to the forward's module) when PRISM's final map gave a zero gradient
         self._grad_cam_fallback: str | None = None
-        self._fallback_message: str | None = None
         self._evolution.reset()
         #: Where ``on_fit_end`` stored the evolution strip: local paths, or MLflow artifact URIs.
         self.evolution_paths: list[str] = []
@@ -737,26 +736,27 @@ class PRISMMonitorBase:
                     continue
                 maps[view] = gradient_view.maps
                 output = gradient_view.output if output is None else output
+            moved = None
             if alpha is not None and not own_layer and not bool(alpha.any()):
-                replaced = self._grad_cam_at_attention(target, images, classes, result)
-                if replaced is not None:
-                    maps["grad_cam"] = replaced
+                moved = self._grad_cam_at_attention(target, images, classes, result)
+                if moved is not None:  # the zero map's warning gives way to the note of the move
+                    maps["grad_cam"] = moved[0]
                     caught = [w for w in caught if "is zero for every image" not in str(w.message)]
         for warning in caught:
             message = str(warning.message).replace("Pass layer=", "Pass grad_cam_layer=")
             self._warn_once(f"view-warning:{message[:100]}", message)
-        if self._fallback_message is not None:
-            self._warn_once("grad-cam-at-attention", self._fallback_message)
-            self._fallback_message = None
+        if moved is not None:
+            self._warn_once("grad-cam-at-attention", moved[1])
         return result, maps, output
 
     def _grad_cam_at_attention(
         self, target: nn.Module, images: Tensor, classes: Tensor | None, result: PRISMResult | None
-    ) -> Tensor | None:
+    ) -> tuple[Tensor, str] | None:
         """Grad-CAM's maps at the input of the block of the last attention
-        (:func:`~lightning_prism.gradients.attention_input`), for a model whose gradient at PRISM's final
-        map is zero everywhere (a class-token readout); from then on the view uses that layer. ``None`` if the model has no attention module or the gradient
-        there is zero too (a classifier still at zero)."""
+        (:func:`~lightning_prism.gradients.attention_input`) and a note saying so, for a model whose
+        gradient at PRISM's final map is zero everywhere (a class-token readout); from then on the view
+        uses that layer. ``None`` if the model has no attention module or the gradient there is zero
+        too (a classifier still at zero)."""
         layer = attention_input(target)
         if layer is None:
             return None
@@ -769,14 +769,12 @@ class PRISMMonitorBase:
         self._grad_cam_fallback = layer
         module_prefix = "" if self.module is None else self.module + "."
         final = "" if result is None else f" {module_prefix + result.final_layer!r}"
-        # warned after the views' warnings are collected (this runs while they are)
-        self._fallback_message = (
+        return view.maps, (
             f"PRISMMonitor: Grad-CAM at PRISM's final feature map{final} is zero for every image (the class "
             "scores do not depend on its positions: a vision transformer that reads out its class token sees the "
             f"patch tokens only through attention), so the grad_cam view shows Grad-CAM at {module_prefix + layer!r}, "
             "the input of the block of its last attention. Pass grad_cam_layer= to choose the layer."
         )
-        return view.maps
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
         """One pass of every view on the probe; pictures logged from rank zero; the scalars returned."""
