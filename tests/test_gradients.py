@@ -304,14 +304,17 @@ class PooledGate(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def forwards_of(model: nn.Module, images: torch.Tensor, private: bool = False, **kwargs):
-    """``grad_cam(model, images, **kwargs)`` (with ``private``, the result of ``_grad_cam``, which
-    takes ``cut_from``) and how many forwards it ran."""
+def forwards_of(model: nn.Module, images: torch.Tensor, **kwargs):
+    """``grad_cam(model, images, **kwargs)`` and how many forwards of ``model`` it ran."""
+    return counted(model, lambda: grad_cam(model, images, **kwargs))
+
+
+def counted(model: nn.Module, run):
+    """``run()``'s result and how many forwards of ``model`` it ran."""
     forwards: list[int] = []
     handle = model.register_forward_pre_hook(lambda m, args: forwards.append(1))
     try:
-        result = _grad_cam(model, images, **kwargs)[0] if private else grad_cam(model, images, **kwargs)
-        return result, len(forwards)
+        return run(), len(forwards)
     finally:
         handle.remove()
 
@@ -494,7 +497,7 @@ def test_hooks_removed_and_state_restored_after_an_exception(method):
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"boom"):
         METHODS[method](model, torch.rand(1, 3, 8, 8))
     assert hook_count(model) == 0 and all(m.training for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())  # out of autograd only during the forward
+    assert all(p.requires_grad for p in model.parameters())
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
@@ -974,16 +977,6 @@ class GlueAfterNoGrad(BackboneUnderNoGrad):
         return self.head(features.mean(dim=(2, 3)))
 
 
-def counted(model: nn.Module, run):
-    """``run()``'s result and how many forwards of ``model`` it ran."""
-    forwards: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, args: forwards.append(1))
-    try:
-        return run(), len(forwards)
-    finally:
-        handle.remove()
-
-
 @pytest.mark.parametrize(
     ("make", "cut_from", "forwards", "returned"),
     [
@@ -996,8 +989,9 @@ def counted(model: nn.Module, run):
     ],
 )
 def test_a_wrong_cut_from_costs_time_never_the_result(make, cut_from, forwards, returned, seeded):
-    """A cut_from that does not fit the forward is seen after it (the final map does not follow the
-    last cut) and costs a second forward without it; the one returned (-1) says not to try again."""
+    """A cut_from that does not fit the forward is seen after it (the final map or the scores do not
+    follow the last cut) and costs a second forward without it; the one returned (-1) says not to try
+    again."""
     model, images = make().eval(), torch.rand(3, 3, 16, 16)
     expected, right = _grad_cam(model, images)
     cut_from = right if cut_from == "the same" else cut_from
