@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -23,26 +22,15 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from .engine import BASES, BasisMismatchError, PRISMResult, prism
-from .gradients import _grad_cam, _prism_and_grad_cam, attention_input, saliency
-from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
+from .engine import BASES, BasisMismatchError
+from .loggers import TAKES_PICTURES, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe
 from .recording import resolve_module
-from .render import (
-    EvolutionHistory,
-    caption_grid,
-    denormalize,
-    display_tiles,
-    heat_overlay,
-    load_font,
-    missing_glyphs,
-    overlay,
-    to_uint8,
-    views_grid,
-    with_invalid_tiles,
-)
+from .render import EvolutionHistory, denormalize, load_font, missing_glyphs, to_uint8
+from .scores import TASKS, class_scores, infer_task
 from .separation import class_separation
+from .views import VIEWS, ProbeViews, ViewsOutput, captions, label_text, probe_pictures
 
 __all__ = ["PRISMMonitor", "PRISMMonitorBase"]
 
@@ -61,17 +49,8 @@ SCALARS = (
     "similarity/first",
     "class_separation",
 )
-#: A tag prefix: ``/``-separated words of letters, digits, ``_`` and ``-`` (a valid key everywhere).
-#: The views the monitor can log, with the name under which each is shown.
-VIEWS: dict[str, str] = {
-    "prism": "PRISM",
-    "grad_cam": "Grad-CAM",
-    "saliency": "saliency",
-    "guided_saliency": "guided saliency",
-}
 TARGETS = ("prediction", "label")
-#: Saliency views are drawn against this quantile of each map (a few bright pixels otherwise vanish).
-SALIENCY_CLIP = 0.99
+#: A tag prefix: ``/``-separated words of letters, digits, ``_`` and ``-`` (a valid key everywhere).
 PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 
 
@@ -87,22 +66,6 @@ def _check_key(name: str, value: Any) -> None:
 
 def _cpu(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.cpu()
-
-
-def _logits(output: Any, batch_size: int) -> Tensor | None:
-    """The ``(N, classes)`` scores in a model's output: a tensor, the ``logits`` of a Hugging Face
-    output or a dict, or the first such tensor of a tuple."""
-    if isinstance(output, Mapping) or hasattr(output, "logits"):
-        output = (
-            output["logits"]
-            if isinstance(output, Mapping) and "logits" in output
-            else getattr(output, "logits", None)
-        )
-    elif isinstance(output, (tuple, list)):
-        output = next((o for o in output if isinstance(o, Tensor) and o.ndim == 2), None)
-    if isinstance(output, Tensor) and output.ndim == 2 and output.shape[0] == batch_size:
-        return output
-    return None
 
 
 def _raised_in_call_of(error: BaseException, module: nn.Module) -> bool:
@@ -207,7 +170,13 @@ class PRISMMonitorBase:
         views: what to log every epoch, one or more of ``"prism"``, ``"grad_cam"``, ``"saliency"``
             and ``"guided_saliency"``.
         target: the class the gradient views explain: ``"prediction"`` (the model's) or ``"label"``
-            (the probe's true labels).
+            (the probe's true labels). For a multi-label classifier, each image's highest-scoring
+            predicted label, or its highest-scoring true label.
+        task: the kind of classifier, for its captions (:mod:`lightning_prism.scores`):
+            ``"multiclass"`` (the highest score is the prediction), ``"binary"`` (a single logit:
+            class 1 where it is above 0) or ``"multilabel"`` (independent sigmoids: the predicted set
+            is every label scored above 0.5); ``None`` infers it: a single logit is binary, multi-hot
+            labels are multi-label, anything else multi-class.
         grad_cam_layer: module name (relative to the LightningModule) of Grad-CAM's layer; ``None``:
             PRISM's final feature map, computed from PRISM's own forward, unless the gradient there is
             zero for every image (a vision transformer that reads out its class token: only that token
@@ -262,6 +231,7 @@ class PRISMMonitorBase:
         font: str | None = None,
         views: list[str] | tuple[str, ...] = ("prism",),
         target: str = "prediction",
+        task: str | None = None,
         grad_cam_layer: str | None = None,
         evolution_view: str | None = None,
         strict: bool = False,
@@ -324,6 +294,8 @@ class PRISMMonitorBase:
             raise ValueError(f"views must be distinct entries of {choices}, got {list(views)!r}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if task is not None and task not in TASKS:
+            raise ValueError(f"task must be None (inferred) or one of {TASKS}, got {task!r}")
         if grad_cam_layer is not None and (not isinstance(grad_cam_layer, str) or "grad_cam" not in views):
             raise ValueError(
                 f"grad_cam_layer must be a module name, with 'grad_cam' in views, got {grad_cam_layer!r} "
@@ -352,11 +324,22 @@ class PRISMMonitorBase:
         self.font = font
         self.views = list(views)
         self.target = target
+        self.task = task
         self.grad_cam_layer = grad_cam_layer
         self.evolution_view = evolution_view if evolution_view is not None else self.views[0]
         self.strict = strict
 
         self._evolution = EvolutionHistory(evolution_rows)
+        self._probe_views = ProbeViews(
+            self.views,
+            extrapolate=extrapolate,
+            basis=basis,
+            final_layer=self._relative(final_layer),
+            stage_layers=None if stage_layers is None else [str(self._relative(s)) for s in stage_layers],
+            grad_cam_layer=self._relative(grad_cam_layer),
+            strict=strict,
+            module_prefix="" if module is None else module + ".",
+        )
         self._new_run()
 
     @property
@@ -373,16 +356,24 @@ class PRISMMonitorBase:
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
         self._inputs_logged_to: weakref.WeakSet[Any] = weakref.WeakSet()  # loggers that got `inputs`
-        # Per Grad-CAM forward ("shared" or "grad_cam"): where its last graph cut fell in the previous
-        # epoch, so that the next forward records nothing before it (a wrong one costs a second forward).
-        self._cut_from: dict[str, int] = {}
-        # Grad-CAM's layer (relative to the forward's module) when PRISM's final map gave a zero gradient
-        self._grad_cam_fallback: str | None = None
+        self._probe_views.reset()  # where Grad-CAM's cut fell, and its layer for a class-token ViT
         self._evolution.reset()
         #: Where ``on_fit_end`` stored the evolution strip: local paths, or MLflow artifact URIs.
         self.evolution_paths: list[str] = []
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling and ``copy.deepcopy`` keep: options, probe, colour basis, strip and the views'
+        memory; not the loggers that got the ``inputs`` picture (references to objects of the run, which
+        a copy used in another process or fit does not have: the copy logs ``inputs`` again)."""
+        state = self.__dict__.copy()
+        state["_inputs_logged_to"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._inputs_logged_to = weakref.WeakSet()
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(  # type: ignore[attr-defined] - from the Callback base
@@ -466,8 +457,7 @@ class PRISMMonitorBase:
         else:
             self._probe = None  # the probe of this run's validation dataloader
             self._probe_indices = self.indices
-            self._cut_from = {}  # perhaps another model
-            self._grad_cam_fallback = None
+            self._probe_views.reset()  # perhaps another model
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -499,8 +489,8 @@ class PRISMMonitorBase:
                 f"a val_dataloader, limit_val_batches > 0, and every_n_epochs={self.every_n_epochs} <= the "
                 "number of validation epochs?).",
             )
-        if not (self.evolution_strip and trainer.is_global_zero):
-            return
+        if not (self.evolution_strip and trainer.is_global_zero) or trainer.fast_dev_run:
+            return  # fast_dev_run switches logging off on purpose: no file, no warning about it
         strip = self._evolution.render(self.font)
         if strip is None:
             return
@@ -630,36 +620,13 @@ class PRISMMonitorBase:
         return probe
 
     # ------------------------------------------------------------------ work
-    def _prism(
-        self, target: nn.Module, images: Tensor, trainer: pl.Trainer, reference: Tensor | None
-    ) -> PRISMResult:
-        # Layer names are relative to the LightningModule; prism() takes them relative to `target`.
-        with trainer.precision_plugin.forward_context():
-            return prism(
-                target,
-                images,
-                extrapolate=self.extrapolate,
-                final_layer=self._relative(self.final_layer),
-                stage_layers=self._relative_stages(),
-                basis=self.basis,  # type: ignore[arg-type]
-                reference=reference,
-                # Lightning's choice for this loop: never during fit (inference tensors could reach
-                # training), nor with Trainer(inference_mode=False), FSDP, XLA or gloo.
-                inference_mode=torch.is_inference_mode_enabled(),
-            )
-
-    def _relative_stages(self) -> list[str] | None:
-        """The stage layer names, made relative to the forward's module."""
-        if self.stage_layers is None:
-            return None
-        return [name for stage in self.stage_layers if (name := self._relative(stage)) is not None]
-
     def _relative(self, name: str | None) -> str | None:
         """A layer name relative to the LightningModule, made relative to the forward's module."""
         return name if name is None or self.module is None else name[len(self.module) + 1 :]
 
     def _targets(self, probe: Probe, finite: Tensor) -> Tensor | None:
-        """The classes the gradient views explain: ``None`` for the model's predictions."""
+        """What the gradient views explain: ``None`` for the model's predictions; the labels, or for
+        multi-hot labels a mask of them (each image's highest-scoring true label)."""
         if self.target == "prediction":
             return None
         if probe.labels is None:
@@ -669,112 +636,15 @@ class PRISMMonitorBase:
                 "model's predictions. Pass label_key= to name the labels in the batch.",
             )
             return None
-        return probe.labels[finite.cpu()].to(probe.images.device)
+        labels = probe.labels[finite.cpu()].to(probe.images.device)
+        return labels.bool() if probe.multi_hot else labels
 
-    def _views(
-        self,
-        target: nn.Module,
-        images: Tensor,
-        trainer: pl.Trainer,
-        reference: Tensor | None,
-        classes: Tensor | None,
-    ) -> tuple[PRISMResult | None, dict[str, Tensor], Any]:
-        """Every view of the probe: PRISM's result (or ``None``), the ``(N, 1, H, W)`` maps of the
-        gradient views that succeeded, and the model's output."""
-        own_layer = self.grad_cam_layer is not None or self._grad_cam_fallback is not None
-        shared = "prism" in self.views and "grad_cam" in self.views and not own_layer
-        maps: dict[str, Tensor] = {}
-        result, output, alpha = None, None, None
-        # The gradient functions' warnings (such as a Grad-CAM that is zero everywhere) once per fit.
-        with trainer.precision_plugin.forward_context(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if shared:
-                try:
-                    result, cam, self._cut_from["shared"] = _prism_and_grad_cam(
-                        target,
-                        images,
-                        classes,
-                        extrapolate=self.extrapolate,
-                        final_layer=self._relative(self.final_layer),
-                        stage_layers=self._relative_stages(),
-                        basis=self.basis,  # type: ignore[arg-type]
-                        reference=reference,
-                        cut_from=self._cut_from.get("shared", 0),
-                    )
-                    maps["grad_cam"], output, alpha = cam.maps, result.output, cam.alpha
-                except BasisMismatchError:
-                    raise
-                except Exception:  # PRISM on its own, then Grad-CAM as a view of its own (warns if it fails)
-                    shared = False
-            if not shared and "prism" in self.views:
-                result = self._prism(target, images, trainer, reference)
-                output = result.output
-            for view in self.views:
-                if view == "prism" or view in maps:
-                    continue
-                try:
-                    if view == "grad_cam":
-                        gradient_view, self._cut_from["grad_cam"] = _grad_cam(
-                            target,
-                            images,
-                            classes,
-                            layer=self._relative(self.grad_cam_layer) or self._grad_cam_fallback,
-                            cut_from=self._cut_from.get("grad_cam", 0),
-                        )
-                        alpha = gradient_view.alpha
-                    else:
-                        gradient_view = saliency(target, images, classes, guided=view == "guided_saliency")
-                except Exception as error:
-                    if self.strict:
-                        raise
-                    reason = str(error).replace("pass layer=", "pass grad_cam_layer=")
-                    self._warn_once(
-                        f"view:{view}",
-                        f"PRISMMonitor could not compute the {view!r} view: {type(error).__name__}: {reason}. "
-                        "The other views go on; pass strict=True to raise instead.",
-                    )
-                    continue
-                maps[view] = gradient_view.maps
-                output = gradient_view.output if output is None else output
-            moved = None
-            if alpha is not None and not own_layer and not bool(alpha.any()):
-                moved = self._grad_cam_at_attention(target, images, classes, result)
-                if moved is not None:  # the zero map's warning gives way to the note of the move
-                    maps["grad_cam"] = moved[0]
-                    caught = [w for w in caught if "is zero for every image" not in str(w.message)]
-        for warning in caught:
-            message = str(warning.message).replace("Pass layer=", "Pass grad_cam_layer=")
-            self._warn_once(f"view-warning:{message[:100]}", message)
-        if moved is not None:
-            self._warn_once("grad-cam-at-attention", moved[1])
-        return result, maps, output
-
-    def _grad_cam_at_attention(
-        self, target: nn.Module, images: Tensor, classes: Tensor | None, result: PRISMResult | None
-    ) -> tuple[Tensor, str] | None:
-        """Grad-CAM's maps at the input of the block of the last attention
-        (:func:`~lightning_prism.gradients.attention_input`) and a note saying so, for a model whose
-        gradient at PRISM's final map is zero everywhere (a class-token readout); from then on the view
-        uses that layer. ``None`` if the model has no attention module or the gradient there is zero
-        too (a classifier still at zero)."""
-        layer = attention_input(target)
-        if layer is None:
-            return None
-        try:
-            view, self._cut_from["grad_cam"] = _grad_cam(target, images, classes, layer=layer)
-        except Exception:
-            return None
-        if not bool(view.alpha.any()):
-            return None
-        self._grad_cam_fallback = layer
-        module_prefix = "" if self.module is None else self.module + "."
-        final = "" if result is None else f" {module_prefix + result.final_layer!r}"
-        return view.maps, (
-            f"PRISMMonitor: Grad-CAM at PRISM's final feature map{final} is zero for every image (the class "
-            "scores do not depend on its positions: a vision transformer that reads out its class token sees the "
-            f"patch tokens only through attention), so the grad_cam view shows Grad-CAM at {module_prefix + layer!r}, "
-            "the input of the block of its last attention. Pass grad_cam_layer= to choose the layer."
-        )
+    def _views(self, target: nn.Module, images: Tensor, reference: Tensor | None, classes: Tensor | None):
+        """Every view of the probe (:class:`~lightning_prism.views.ProbeViews`), its warnings once per fit."""
+        out = self._probe_views(target, images, reference, classes)
+        for key, message in out.warnings:
+            self._warn_once(key, message)
+        return out
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
         """One pass of every view on the probe; pictures logged from rank zero; the scalars returned."""
@@ -782,17 +652,19 @@ class PRISMMonitorBase:
         finite = probe.finite
         images = probe.images if bool(finite.all()) else probe.images[finite]
         reference = self._first if self.basis == "fixed" else self._reference
-        classes = self._targets(probe, finite) if len(self.views) > 1 or self.views[0] != "prism" else None
+        classes = self._targets(probe, finite) if self._probe_views.gradient_views else None
         try:
-            result, maps, output = self._views(target, images, trainer, reference, classes)
-        except BasisMismatchError as error:
-            self._warn_once(
-                "basis-mismatch",
-                f"PRISMMonitor: the saved colour basis does not fit this model ({error}); a fresh basis starts "
-                "now, so colours and similarities are not comparable with earlier epochs.",
-            )
-            self._reference = self._first = None
-            result, maps, output = self._views(target, images, trainer, None, classes)
+            with trainer.precision_plugin.forward_context():
+                try:
+                    out = self._views(target, images, reference, classes)
+                except BasisMismatchError as error:
+                    self._warn_once(
+                        "basis-mismatch",
+                        f"PRISMMonitor: the saved colour basis does not fit this model ({error}); a fresh basis "
+                        "starts now, so colours and similarities are not comparable with earlier epochs.",
+                    )
+                    self._reference = self._first = None
+                    out = self._views(target, images, None, classes)
         except Exception as error:
             if not _raised_in_call_of(error, target):
                 raise
@@ -808,9 +680,10 @@ class PRISMMonitorBase:
                     else ""
                 )
             ) from error
+        result = out.result
         if result is None:
             if trainer.is_global_zero:
-                self._log(trainer, probe, None, maps, output)
+                self._log(trainer, probe, out)
             return {}
         components = result.components.detach()
         scalars = {
@@ -823,7 +696,7 @@ class PRISMMonitorBase:
             )
         if self._first is not None and self._first.shape == components.shape:
             scalars[f"{self.prefix}/similarity/first"] = float(subspace_similarity(components, self._first))
-        if probe.labels is not None:
+        if probe.labels is not None and not probe.multi_hot:
             separation = class_separation(result.features, probe.labels[finite])
             if separation is not None:
                 scalars[f"{self.prefix}/class_separation"] = float(separation)
@@ -831,38 +704,29 @@ class PRISMMonitorBase:
             self._first = components.float().cpu()
         self._reference = components.float().cpu()
         if trainer.is_global_zero:
-            self._log(trainer, probe, result, maps, output)
+            self._log(trainer, probe, out)
         return scalars
+
+    def _task(self, scores: Tensor, probe: Probe) -> str:
+        """The kind of classifier: ``task`` if it fits the scores, else what the scores and labels say."""
+        try:
+            return infer_task(scores, probe.labels, self.task)
+        except ValueError as error:
+            self._warn_once(
+                "task",
+                f"PRISMMonitor(task={self.task!r}) does not fit this model: {error}. The captions read its "
+                "scores as the scores and labels show them.",
+            )
+            return infer_task(scores, probe.labels)
 
     def _captions(self, probe: Probe, output: Any) -> tuple[list[str] | None, list[bool] | None]:
         """One caption per probe image (``true → predicted``) and whether to mark it (wrong, or an
         invalid input left out of the PCA)."""
         finite = probe.finite.tolist()
-        logits = _logits(output, sum(finite))
-        predicted = iter(logits.argmax(dim=1).tolist()) if logits is not None else None
-        predictions = [next(predicted) if ok else None for ok in finite] if predicted is not None else None
-        if probe.labels is None and predictions is None and all(finite):
-            return None, None
-
+        scores = class_scores(output, sum(finite))
+        task = None if scores is None else self._task(scores, probe)
         names = self.class_names if self.class_names is not None else probe.class_names
-
-        def name(index: int) -> str:
-            return names[index] if names is not None and 0 <= index < len(names) else str(index)
-
-        labels = probe.labels.tolist() if probe.labels is not None else None
-        captions, marked = [], []
-        for i, ok in enumerate(finite):
-            true = name(labels[i]) if labels is not None else "?"
-            if not ok:
-                captions.append(f"{true}: NaN/inf input")
-                marked.append(True)
-            elif predictions is None:
-                captions.append(true)
-                marked.append(False)
-            else:
-                captions.append(f"{true} → {name(predictions[i])}")
-                marked.append(labels is not None and labels[i] != predictions[i])
-        return captions, marked
+        return captions(probe.labels, scores, task, names, finite)
 
     def _log_scalars(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, float] | None
@@ -886,67 +750,35 @@ class PRISMMonitorBase:
                     add_dataloader_idx=False, batch_size=1, sync_dist=True,
                 )  # fmt: skip
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        probe: Probe,
-        result: PRISMResult | None,
-        gradient_maps: dict[str, Tensor],
-        output: Any,
-    ) -> None:
+    def _log(self, trainer: pl.Trainer, probe: Probe, out: ViewsOutput) -> None:
         """Pictures to every logger, and the strip's row (global rank zero only)."""
         inputs = denormalize(probe.images, self.mean, self.std)
-        # Each view as coloured tiles (invalid probe images crossed out) and blended over the inputs.
-        tiles: dict[str, Tensor] = {}
-        blended: dict[str, Tensor] = {}
-        if result is not None:
-            tiles["prism"] = with_invalid_tiles(result.maps, probe.finite)
-            blended["prism"] = overlay(inputs, tiles["prism"], self.overlay_alpha)
-        for view, view_maps in gradient_maps.items():
-            # Heat weighted by its value, so the image shows where a view sees nothing; saliency is a few
-            # bright pixels, shown against its 99th percentile.
-            clip = None if view == "grad_cam" else SALIENCY_CLIP
-            heat = heat_overlay(
-                inputs[probe.finite], view_maps.to(inputs.device), self.overlay_alpha, clip=clip
-            )
-            blended[view] = with_invalid_tiles(heat, probe.finite)
+        texts, marked = self._captions(probe, out.output)
+        truths = self._label_captions(probe)
+        self._check_glyphs([*(texts or []), *(truths or [])])
+        separate = any(backend(logger) == "wandb" for logger in trainer.loggers)
+        pictures, blended, inputs_picture = probe_pictures(
+            self.prefix,
+            inputs,
+            probe.finite,
+            out.result,
+            out.maps,
+            self.views,
+            texts,
+            marked,
+            truths,
+            alpha=self.overlay_alpha,
+            font=self.font,
+            separate=separate,
+        )
         if self.evolution_strip and trainer.state.fn == "fit" and self.evolution_view in blended:
             probe_row = None if self._evolution.has_inputs else to_uint8(inputs)
             self._evolution.add(
                 f"epoch {trainer.current_epoch}", to_uint8(blended[self.evolution_view]), probe_row
             )
-
-        captions, wrong = self._captions(probe, output)
-        truths = self._label_captions(probe)
-        self._check_glyphs([*(captions or []), *(truths or [])])
-
-        separate = any(backend(logger) == "wandb" for logger in trainer.loggers)
-
-        def picture(tiles: Tensor, texts: list[str] | None, marks: list[bool] | None = None) -> Picture:
-            grid = caption_grid(tiles, texts, marks, font=self.font)
-            if not separate or texts is None:
-                return Picture(grid)
-            # W&B shows each image with its caption as text: a wrong prediction is marked there too.
-            notes = [f"{t} ✗" if marks and marks[i] else t for i, t in enumerate(texts)]
-            return Picture(grid, to_uint8(display_tiles(tiles)), notes)
-
-        pictures = {}
-        if "prism" in tiles:
-            pictures[f"{self.prefix}/maps"] = picture(tiles["prism"], captions, wrong)
-            pictures[f"{self.prefix}/overlay"] = picture(blended["prism"], captions, wrong)
-        for view in gradient_maps:
-            pictures[f"{self.prefix}/{view}"] = picture(blended[view], captions, wrong)
-        if len(self.views) > 1:
-            # PRISM's own colours side by side; the gradient views as heatmaps over the input.
-            shown = [(VIEWS[v], tiles[v] if v == "prism" else blended[v]) for v in self.views if v in blended]
-            pictures[f"{self.prefix}/views"] = Picture(
-                views_grid(inputs, shown, captions, wrong, font=self.font)
-            )
         step = _logging_step(trainer)
         first_time = [logger for logger in trainer.loggers if logger not in self._inputs_logged_to]
-        with_inputs = (
-            {**pictures, f"{self.prefix}/inputs": picture(inputs, truths)} if first_time else pictures
-        )
+        with_inputs = {**pictures, f"{self.prefix}/inputs": inputs_picture} if first_time else pictures
         for logger in trainer.loggers:
             if log_pictures(logger, with_inputs if logger in first_time else pictures, step):
                 self._inputs_logged_to.add(logger)
@@ -958,13 +790,11 @@ class PRISMMonitorBase:
                 )
 
     def _label_captions(self, probe: Probe) -> list[str] | None:
-        """The true class name of each probe image (captions of the inputs), or ``None`` without labels."""
+        """The true class name(s) of each probe image (captions of the inputs), or ``None`` without labels."""
         if probe.labels is None:
             return None
         names = self.class_names if self.class_names is not None else probe.class_names
-        return [
-            names[y] if names is not None and 0 <= y < len(names) else str(y) for y in probe.labels.tolist()
-        ]
+        return [label_text(label, names) for label in probe.labels]
 
     def _check_glyphs(self, texts: list[str]) -> None:
         missing = missing_glyphs("".join(texts), load_font(12, self.font))

@@ -44,6 +44,7 @@ from .engine import Basis, PRISMResult, check_inputs, from_recording
 from .hooks import ModuleTaps, wrappers_allowed
 from .layout import FeatureLayout, declared_prefix_tokens, infer_layout
 from .recording import FeatureRecorder, Recording, observed_modules, resolve_module
+from .scores import class_score, class_scores, explained_classes
 
 __all__ = [
     "GradCAMResult",
@@ -464,16 +465,26 @@ def _saliency_forward(model: nn.Module, x: Tensor) -> Any:
 
 # ---------------------------------------------------------------------------------- arguments
 def _check_targets(targets: Any, n: int, device: torch.device) -> Tensor | None:
-    """``targets`` as an ``(N,)`` long tensor on ``device`` (``None`` stays ``None``).
+    """``targets`` as an ``(N,)`` long tensor on ``device``, or an ``(N, K)`` bool mask of the classes
+    each image may be explained by (``None`` stays ``None``).
 
     Raises:
-        TypeError: for anything but an int, a sequence of ints or an integer tensor.
+        TypeError: for anything but an int, a sequence of ints, an integer tensor or a 2-D bool mask.
         ValueError: for the wrong length or a negative class.
     """
     if targets is None:
         return None
+    if isinstance(targets, Tensor) and targets.dtype == torch.bool and targets.ndim == 2:
+        if targets.shape[0] != n:
+            raise ValueError(
+                f"a targets mask must have one row per image ({n}), got shape {tuple(targets.shape)}"
+            )
+        return targets.detach().to(device)
     if isinstance(targets, bool) or (isinstance(targets, Tensor) and targets.dtype == torch.bool):
-        raise TypeError(f"targets must be class indices (int, sequence or integer tensor), got {targets!r}")
+        raise TypeError(
+            "targets must be class indices (int, sequence or integer tensor) or an (N, K) bool mask, "
+            f"got {targets!r}"
+        )
     if isinstance(targets, Tensor):
         value = targets.detach()
     else:
@@ -495,36 +506,47 @@ def _check_targets(targets: Any, n: int, device: torch.device) -> Tensor | None:
 
 
 def _scores(output: Any) -> Tensor:
-    """The ``(N, K)`` class scores in a model's output: a tensor, or the ``logits`` of a Hugging Face
-    output or mapping, or the first tensor of a tuple."""
-    scores = output
-    if not isinstance(scores, Tensor):
-        scores = getattr(output, "logits", None)
-        if scores is None and isinstance(output, dict):
-            scores = output.get("logits")
-        if scores is None and isinstance(output, (tuple, list)):
-            scores = next((item for item in output if isinstance(item, Tensor)), None)
-    if not isinstance(scores, Tensor) or scores.ndim != 2:
-        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(output).__name__
-        raise ValueError(f"the model must return (N, num_classes) class scores (logits), got {shape}")
+    """The ``(N, K)`` class scores in a model's output (:func:`~lightning_prism.scores.class_scores`:
+    a single logit per image, ``(N,)``, as ``(N, 1)``)."""
+    scores = class_scores(output)
+    if scores is None:
+        found = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(
+            f"the model must return class scores (logits), (N, num_classes) or a single logit (N, 1) or (N,); "
+            f"got {found}"
+        )
     return scores
 
 
 def _class_scores(scores: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(y, targets)``: the sum over the batch of each image's score of its class (so one backward
-    gives every image's gradient), and the classes (the predicted ones when ``targets`` is None)."""
+    gives every image's gradient), and the classes: the predicted ones when ``targets`` is None, the
+    highest-scoring allowed one for a bool mask; for a single logit, class 1 is the logit and class 0
+    its negation (:func:`~lightning_prism.scores.class_score`)."""
     k = scores.shape[1]
-    if targets is None:
-        targets = scores.detach().argmax(dim=1)
-    elif bool((targets >= k).any()):
+    if targets is not None and targets.dtype == torch.bool:
+        if k == 1 or targets.shape[1] != k:
+            raise ValueError(
+                f"a targets mask must have one column per class of the model's (N, {k}) scores, got shape "
+                f"{tuple(targets.shape)}"
+            )
+        targets = explained_classes(scores, targets)
+    elif targets is None:
+        targets = explained_classes(scores)
+    elif k == 1 and bool((targets > 1).any()):
+        raise ValueError(
+            "targets of a single-logit (binary) model must be 0 or 1 (class 1: the logit, class 0: its "
+            f"negation), got {targets.tolist()}"
+        )
+    elif k > 1 and bool((targets >= k).any()):
         raise ValueError(
             f"targets must be class indices below {k} (the model's classes), got {targets.tolist()}"
         )
     targets = targets.to(scores.device)
     if targets.is_inference():  # given under inference mode: autograd cannot save it as the gather's index
         targets = targets.clone()
-    chosen = scores.gather(1, targets[:, None])
-    finite = torch.isfinite(chosen.detach()[:, 0])
+    chosen = class_score(scores, targets)
+    finite = torch.isfinite(chosen.detach())
     if not bool(finite.all()):
         bad = (~finite).nonzero()[:, 0].tolist()
         raise ValueError(f"the model's scores of the target classes are not finite (images {bad})")
@@ -556,10 +578,14 @@ def grad_cam(
     is CAM (Zhou et al.) up to the positive factor ``1 / (h·w)``.
 
     Args:
-        model: a network returning ``(N, K)`` class scores (a tensor, or an output with ``logits``).
+        model: a network returning class scores (a tensor, or an output with ``logits``): ``(N, K)``,
+            or a single logit per image, ``(N, 1)`` or ``(N,)``.
         images: ``(N, C, H, W)`` floating batch on the model's device.
-        targets: the class of every image: an int, a sequence or an integer tensor of ``N``; ``None``
-            takes the model's prediction (argmax of the scores).
+        targets: the class of every image: an int, a sequence or an integer tensor of ``N``; or an
+            ``(N, K)`` bool mask, each image's highest-scoring class among those it allows (a
+            multi-label model's true labels); ``None`` takes the model's prediction (argmax of the
+            scores). For a single-logit (binary) model, class 1 is the logit and class 0 its negation
+            (:mod:`lightning_prism.scores`); ``None`` takes class 1 where the logit is above 0.
         layer: name of the module whose output is ``A``, as in ``model.named_modules()``, or
             ``"<name>:input"`` for the tensor entering that module; by default the final feature map
             that :func:`~lightning_prism.prism` uses (a convolutional, channels-last or token map: for
@@ -813,10 +839,12 @@ def saliency(model: nn.Module, images: Tensor, targets: Any = None, guided: bool
     ``nn.DataParallel`` or ``DistributedDataParallel`` runs without the wrapper.
 
     Args:
-        model: a network returning ``(N, K)`` class scores (a tensor, or an output with ``logits``).
+        model: a network returning class scores (a tensor, or an output with ``logits``): ``(N, K)``,
+            or a single logit per image, ``(N, 1)`` or ``(N,)``.
         images: ``(N, C, H, W)`` floating batch on the model's device.
-        targets: the class of every image: an int, a sequence or an integer tensor of ``N``; ``None``
-            takes the model's prediction.
+        targets: the class of every image, as for :func:`grad_cam` (an ``(N, K)`` bool mask of the
+            classes it allows, or ``None`` for the prediction; class 0 of a single-logit model is the
+            negated logit).
         guided: guided backpropagation instead of the plain gradient.
 
     Returns:

@@ -52,7 +52,8 @@ class Probe:
 
     Attributes:
         images: ``(N, C, H, W)`` floating images, exactly as ``validation_step`` receives them.
-        labels: ``(N,)`` long labels, or ``None``.
+        labels: ``(N,)`` long class indices, ``(N, K)`` long 0/1 multi-hot labels (a multi-label
+            classifier's), or ``None``.
         indices: dataset indices of the images, or ``None`` for an iterable dataset.
         class_names: the dataset's names for the label indices (the ``classes`` attribute of
             torchvision datasets such as ``ImageFolder``, also through ``Subset``), or ``None``.
@@ -62,6 +63,11 @@ class Probe:
     labels: Tensor | None
     indices: list[int] | None
     class_names: list[str] | None = None
+
+    @property
+    def multi_hot(self) -> bool:
+        """Whether the labels are multi-hot ``(N, K)`` (a multi-label classifier's)."""
+        return self.labels is not None and self.labels.ndim == 2
 
     @property
     def finite(self) -> Tensor:
@@ -105,7 +111,7 @@ def _pick(
 
 
 def split_batch(batch: Any, image_key: int | str | None = None, label_key: int | str | None = None):
-    """Find the images (and labels) in a batch or sample.
+    """Find the images (and labels) in a batch.
 
     Args:
         batch: a tensor (images only), a tuple/list (images first, labels second by default) or a
@@ -114,8 +120,10 @@ def split_batch(batch: Any, image_key: int | str | None = None, label_key: int |
         label_key: position or key of the labels; ``None`` to find them if present.
 
     Returns:
-        ``(images, labels)``; ``labels`` is ``None`` when there are none, or when what was found
-        is not integer class labels.
+        ``(images, labels)``; ``labels`` is ``None`` when there are none, or when what was found is
+        not class labels: integer class indices ``(N,)`` (or one ``int``), a single 0/1 label per
+        image ``(N, 1)`` (a binary classifier's targets, also as floats), or multi-hot ``(N, K)``
+        labels of a multi-label classifier (values 0 and 1, any dtype), which come back as they are.
 
     Raises:
         KeyError, IndexError, TypeError: if the given keys do not fit the batch.
@@ -125,23 +133,56 @@ def split_batch(batch: Any, image_key: int | str | None = None, label_key: int |
     if labels is not None and not _is_class_label(labels):
         if label_key is not None:
             raise TypeError(
-                f"label_key {label_key!r} holds {type(labels).__name__}, not integer class labels"
+                f"label_key {label_key!r} holds {type(labels).__name__}, not class labels (integer class indices, "
+                "or 0/1 multi-hot labels)"
             )
         labels = None
     return images, labels
 
 
+def _zero_one(value: Tensor) -> bool:
+    return not value.is_complex() and bool(((value == 0) | (value == 1)).all())
+
+
 def _is_class_label(value: Any) -> bool:
+    """Class indices (an int, an integer tensor of at most one dimension), 0/1 labels (a binary
+    classifier's float targets), or multi-hot ``(N, K)`` labels."""
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
         return True
-    return (
-        isinstance(value, Tensor)
-        and value.ndim <= 1
-        and not value.is_floating_point()
-        and value.dtype != torch.bool
-    )
+    if not isinstance(value, Tensor) or value.numel() == 0:
+        return False
+    if value.ndim <= 1:
+        integer = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        return integer or (value.is_floating_point() and _zero_one(value))
+    return value.ndim == 2 and _zero_one(value)
+
+
+def _as_labels(labels: Any, device: torch.device) -> Tensor:
+    """Labels as the probe keeps them: ``(N,)`` long class indices, or ``(N, K)`` long 0/1 multi-hot."""
+    value = torch.as_tensor(labels)
+    if value.ndim == 2 and value.shape[1] >= 2:
+        return value.long().to(device)
+    return value.long().reshape(-1).to(device)
+
+
+def _sample_label(value: Any) -> int | tuple[int, ...] | None:
+    """One sample's label: a class index, or the tuple of a multi-hot label's classes."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    if value.numel() == 1 and (not value.is_floating_point() or _zero_one(value)):
+        return int(value.reshape(()))
+    if value.ndim == 1 and _zero_one(value):
+        return tuple(value.nonzero()[:, 0].tolist())
+    return None
 
 
 def _unwrap_subsets(dataset: Any) -> tuple[Any, list[int] | None]:
@@ -161,14 +202,23 @@ def _dataset_classes(dataset: Any) -> list[str] | None:
     return None
 
 
-def _dataset_targets(dataset: Dataset) -> Sequence[int] | None:
+def _dataset_targets(dataset: Dataset) -> Sequence[int | tuple[int, ...]] | None:
+    """The labels of every sample from the dataset's ``targets`` (through ``Subset`` layers): class
+    indices, or for multi-hot targets ``(len, K)`` the tuple of each sample's classes."""
     base, mapping = _unwrap_subsets(dataset)
     targets = getattr(base, "targets", None)
     if targets is None or isinstance(targets, (str, bytes)):
         return None
     try:
-        labels = [int(t) for t in targets]
-    except (TypeError, ValueError):
+        value = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    labels: list[int | tuple[int, ...]]
+    if value.ndim == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+        labels = value.tolist()
+    elif value.ndim == 2 and value.shape[1] >= 2 and _zero_one(value):
+        labels = [tuple(row.nonzero()[:, 0].tolist()) for row in value]
+    else:
         return None
     return labels if mapping is None else [labels[i] for i in mapping]
 
@@ -253,20 +303,22 @@ def dataloader_indices(dataloader: DataLoader, max_batches: float | None = None)
 def select_indices(
     candidates: int | Sequence[int],
     num_images: int,
-    label_of: Callable[[int], int | None] | Sequence[int] | None = None,
+    label_of: Callable[[int], Any] | Sequence[Any] | None = None,
 ) -> list[int]:
     """Choose probe indices deterministically, spreading over as many classes as there are.
 
     With labels, classes are visited in sorted order, taking each class's first unused candidate in
     turn, until ``num_images`` are chosen; a labelling function is asked about up to
-    :data:`SCAN_LIMIT` evenly spaced candidates only. Without labels the indices are evenly spaced
-    over the candidates.
+    :data:`SCAN_LIMIT` evenly spaced candidates only. A multi-hot label (a tuple of classes) puts its
+    sample under each of its classes (and one with no class under a group of its own), so the probe
+    spreads over labels as it does over classes. Without labels the indices are evenly spaced over
+    the candidates.
 
     Args:
         candidates: the dataset indices to choose from (sorted), or a dataset length for all.
         num_images: how many indices (fewer if there are fewer candidates).
         label_of: the labels of the whole dataset (indexed by dataset index), or a function giving
-            one index's label.
+            one index's label: a class index, a tuple of classes (multi-hot), or ``None``.
 
     Returns:
         Sorted list of distinct indices.
@@ -275,6 +327,8 @@ def select_indices(
 
         >>> select_indices([10, 11, 12, 13, 14, 15], 4, lambda i: i % 3)
         [10, 11, 12, 15]
+        >>> select_indices(range(6), 3, [(0,), (0,), (0, 1), (0,), (2,), ()])
+        [0, 2, 4]
     """
     pool = list(range(candidates)) if isinstance(candidates, int) else list(candidates)
     count = min(num_images, len(pool))
@@ -287,20 +341,30 @@ def select_indices(
         labelled = [(i, label_of(i)) for i in pool[::step]]
     else:
         labelled = [(i, label_of[i]) for i in pool]
+    NONE = -1  # the group of multi-hot samples without any class, visited after the classes
     by_class: dict[int, list[int]] = {}
     for index, label in labelled:
-        if label is not None:
-            by_class.setdefault(int(label), []).append(index)
+        if label is None:
+            continue
+        classes = [int(c) for c in label] if isinstance(label, tuple) else [int(label)]
+        for c in classes or [NONE]:
+            by_class.setdefault(c, []).append(index)
     if not by_class:
         return evenly
     chosen: list[int] = []
-    queues = [by_class[c] for c in sorted(by_class)]
-    depth = 0
-    while len(chosen) < count and any(depth < len(q) for q in queues):
-        chosen.extend(q[depth] for q in queues if depth < len(q) and len(chosen) < count)
-        depth += 1
+    taken: set[int] = set()
+    queues = [by_class[c] for c in sorted(by_class, key=lambda c: (c == NONE, c))]
+    heads = [0] * len(queues)
+    while len(chosen) < count and any(h < len(q) for h, q in zip(heads, queues, strict=True)):
+        for q, queue in enumerate(queues):
+            while heads[q] < len(queue) and queue[heads[q]] in taken:  # already chosen for another class
+                heads[q] += 1
+            if heads[q] < len(queue) and len(chosen) < count:
+                chosen.append(queue[heads[q]])
+                taken.add(queue[heads[q]])
+                heads[q] += 1
     if len(chosen) < count:  # fewer labelled candidates than requested: fill evenly
-        chosen.extend(i for i in evenly if i not in chosen)
+        chosen.extend(i for i in evenly if i not in taken)
     return sorted(chosen[:count])
 
 
@@ -353,9 +417,8 @@ def build_probe(
         if indices is None:
             targets = _dataset_targets(dataset)
 
-            def label_of(i: int) -> int | None:
-                labels = split_batch(dataset[i], image_key, label_key)[1]
-                return None if labels is None else int(labels)
+            def label_of(i: int) -> int | tuple[int, ...] | None:
+                return _sample_label(_pick(dataset[i], label_key, LABEL_KEYS, 1, "label"))
 
             indices = select_indices(candidates, num_images, targets if targets is not None else label_of)
         indices = [int(i) for i in indices]
@@ -383,7 +446,7 @@ def build_probe(
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(f"probe images must be a floating (N, C, H, W) tensor, got {shape}; check image_key")
     if labels is not None:
-        labels = torch.as_tensor(labels).long().reshape(-1).to(images.device)
+        labels = _as_labels(labels, images.device)
     return Probe(images, labels, found, _dataset_classes(dataset))
 
 
@@ -416,5 +479,5 @@ def _stream(
     images = torch.cat(taken_images)[:num_images]
     if any(t is None for t in taken_labels):
         return images, None
-    labels = torch.cat([torch.as_tensor(t).reshape(-1).to(images.device) for t in taken_labels])
+    labels = torch.cat([_as_labels(t, images.device) for t in taken_labels])
     return images, labels[:num_images]

@@ -23,10 +23,11 @@ batch size ``N`` are. Discovered from the forward itself (or given by module nam
     1×1), the final map is the map entering the outermost of them; only modules that return after
     the last spatial map was made count (CaiT's class-attention blocks return class tokens, and then
     the patch tokens go on);
-  - when the model's last module with parameters is the convolution that produced the final map and
-    the model returns other spatial class scores with as many channels (a segmentation model's
-    upsampled scores), that convolution is a class-score layer: the final map is the one entering
-    it. (A convolution pooled into the output, as in Network-in-Network, is not told apart from a
+  - when the model's last module with parameters is a convolution whose output is the final map, or
+    becomes it through modules without parameters (a container handing it on, upsampling, the sum
+    of two score maps in LRASPP), and the model returns other spatial class scores with as many
+    channels (a segmentation model's upsampled scores: torchvision's FCN, DeepLabV3, LRASPP), that
+    convolution is a class-score layer: the final map is the one entering it. (A convolution pooled into the output, as in Network-in-Network, is not told apart from a
     pooled feature extractor and stays the final map, unless a head module pools it.) Likewise
     when a linear layer made the final map with as many channels as the model's ``(N, K)`` output
     has classes: per-token class scores (VOLO's auxiliary head), the map entering it is the final map.
@@ -348,9 +349,10 @@ class FeatureRecorder:
         self._stack: list[_Frame] = []
         self._final: tuple[str, Tensor, FeatureLayout] | None = None
         self._named_final: tuple[str, Tensor] | None = None
-        # (its output, its input, the input's layout, the input's name, whether a linear layer) of a
-        # module that may be a class-score layer, when it made the final-map candidate
-        self._classifier: tuple[Tensor, Tensor, FeatureLayout, str, bool] | None = None
+        # (its output, its input, the input's layout, the input's name, whether a linear layer, the
+        # modules with parameters run so far) of a module that may be a class-score layer, from when it
+        # made a final-map candidate until a module with parameters runs after it
+        self._classifier: tuple[Tensor, Tensor, FeatureLayout, str, bool, int] | None = None
         # (call index, input, its layout, its name) of modules that took the last spatial map so far
         # and returned no spatial map
         self._heads: list[tuple[int, Tensor, FeatureLayout, str]] = []
@@ -520,8 +522,13 @@ class FeatureRecorder:
                     self._heads.clear()
                 if classifier and x is not None and in_layout is not None:
                     linear = isinstance(module, nn.Linear)
-                    self._classifier = (out, x, in_layout, self._producer(x) or name + INPUT_SUFFIX, linear)
-                else:  # hold no tensor of a module that made an earlier candidate
+                    producer = self._producer(x) or name + INPUT_SUFFIX
+                    self._classifier = (out, x, in_layout, producer, linear, self._params)
+                elif self._classifier is not None and (
+                    self._classifier[4] or self._classifier[5] != self._params
+                ):
+                    # a linear layer's per-token scores must be the final map itself; a convolution's
+                    # may be handed on by modules without parameters. Else hold none of its tensors.
                     self._classifier = None
             if enlarged:
                 self._padded[id(out)] = weakref.ref(out)
@@ -751,11 +758,15 @@ class FeatureRecorder:
         if heads:  # the map entering the outermost head of the last spatial map
             _, x, x_layout, x_name = min(heads, key=lambda head: head[0])
             return x_name, x, x_layout
-        if self._classifier is not None and self._classifier[0] is final:
+        if self._classifier is not None:
+            # The final candidate is the class-score layer's output, or (a convolution's) made of it by
+            # modules without parameters (a container handing it on, upsampling, LRASPP's sum of two maps).
             scores = _scores(self._output)
-            _, x, x_layout, x_name, linear = self._classifier
+            made, x, x_layout, x_name, linear, _ = self._classifier
             channels = layout.to_nchw(final).shape[1]
-            if scores is not None and scores is not final and x_layout.spatial:
+            made_layout = self._layout(made)
+            same = made_layout is not None and made_layout.to_nchw(made).shape[1] == channels
+            if same and scores is not None and scores is not final and x_layout.spatial:
                 spatial_scores = (
                     not linear
                     and scores.ndim == 4

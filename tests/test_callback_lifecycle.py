@@ -180,15 +180,17 @@ def test_a_fit_without_validation_epochs_says_that_no_maps_were_logged(tmp_path,
     assert message.startswith("PRISMMonitor logged no maps in this fit: no validation epoch ended")
 
 
-def test_fast_dev_run_writes_no_file_into_the_working_directory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("views", [["prism"], ["prism", "grad_cam", "saliency"]])
+def test_fast_dev_run_is_quiet_and_writes_no_file_into_the_working_directory(tmp_path, monkeypatch, views):
+    """fast_dev_run switches logging off on purpose (its loggers become a DummyLogger): the monitor
+    runs once, so that a bug shows up, and says nothing about the files it does not store."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     train, val = loaders()
-    monitor = PRISMMonitor(num_images=4, strict=True)
-    pl.Trainer(fast_dev_run=True, callbacks=[monitor], enable_progress_bar=False).fit(
-        TinyClassifier(), train, val
-    )
+    monitor = PRISMMonitor(num_images=4, strict=True, views=views)
+    t = pl.Trainer(fast_dev_run=True, callbacks=[monitor], enable_progress_bar=False)
+    assert caught_warnings(lambda: t.fit(TinyClassifier(), train, val)) == []
     assert monitor._reference is not None  # it ran
     assert os.listdir(work) == []
 

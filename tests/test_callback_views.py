@@ -114,7 +114,7 @@ def test_from_the_second_epoch_grad_cams_forward_records_nothing_before_its_last
     train, val = loaders()
     monitor = PRISMMonitor(num_images=4, views=views, strict=True, evolution_strip=False)
     trainer(tmp_path, [monitor], max_epochs=3).fit(TinyClassifier(), train, val)
-    cut = monitor._cut_from[forward]
+    cut = monitor._probe_views.cut_from[forward]
     assert cut > 0 and told == [0, cut, cut]
     trainer(tmp_path / "again", [monitor], max_epochs=1).fit(TinyClassifier(), train, val)
     assert told[3] == 0  # a new fit: nothing carried over

@@ -108,9 +108,9 @@ class KeepingMonitor(PRISMMonitor):
     """Keeps the gradient views' maps of the last epoch, as the monitor computed them."""
 
     def _views(self, *args):
-        result, maps, output = super()._views(*args)
-        self.kept = maps
-        return result, maps, output
+        out = super()._views(*args)
+        self.kept = out.maps
+        return out
 
 
 def last_module_of_class(model: torch.nn.Module, class_name: str) -> str:

@@ -635,7 +635,7 @@ def test_bad_arguments_are_clear_errors():
         with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got function"):
             method(lambda x: x, images)
         with pytest.raises(
-            ValueError, match=r"must return \(N, num_classes\) class scores .*\(2, 3, 32, 32\)"
+            ValueError, match=r"must return class scores .*\(N, num_classes\) or a single logit .*\(2, 3, 32, 32\)"
         ):
             method(nn.Conv2d(3, 3, 1), images)
     with pytest.raises(TypeError, match=r"guided must be a bool, got 'yes'"):

@@ -100,7 +100,7 @@ def test_split_batch_finds_images_and_labels():
         split_batch({"a": x})
     with pytest.raises(KeyError, match=r"image_key 'img' is not in the batch; its keys are \['a'\]"):
         split_batch({"a": x}, image_key="img")
-    with pytest.raises(TypeError, match="label_key 1 holds Tensor, not integer class labels"):
+    with pytest.raises(TypeError, match=r"label_key 1 holds Tensor, not class labels \(integer class indices, or 0/1 multi-hot"):
         split_batch((x, torch.rand(2)), label_key=1)
 
 

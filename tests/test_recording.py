@@ -283,6 +283,33 @@ def test_the_map_entering_a_class_score_convolution_is_the_final_map():
     assert record(backbone, x).final_layer == "2"
 
 
+def _segmentation_head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What enters the last class-score convolution of a torchvision segmentation model, computed
+    from its parts (independently of the recorder)."""
+    features = model.backbone(x)
+    head = model.classifier
+    if hasattr(head, "high_classifier"):  # LRASPP: the deep branch gated by its scale branch, upsampled
+        high, low = features["high"], features["low"]
+        gated = head.cbr(high) * head.scale(high)
+        return F.interpolate(gated, size=low.shape[-2:], mode="bilinear", align_corners=False)
+    return nn.Sequential(*list(head)[:-1])(features["out"])  # FCN, DeepLabV3: the head but its last layer
+
+
+@pytest.mark.parametrize(
+    "name", ["fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+)
+def test_torchvision_segmentation_models_take_the_map_entering_their_class_scores(name):
+    # The class-score convolution's output reaches the returned scores through a container that hands
+    # it on (FCN, DeepLabV3) or a sum of two score maps (LRASPP): still a class-score layer.
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    rec = record(model, x)
+    assert rec.final.shape[1] != 5 and rec.final_layout.spatial
+    with torch.no_grad():
+        torch.testing.assert_close(rec.final, _segmentation_head_input(model, x))
+
+
 def multi_stage_net(stem_stride: int = 1) -> nn.Sequential:
     """A stem, then one container that runs three stages (as timm's `stages` or EfficientNet's `blocks`)."""
     conv = partial(nn.Conv2d, kernel_size=3, padding=1)
