@@ -364,9 +364,11 @@ class PRISMMonitorBase:
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict[str, Any]:
         """What pickling and ``copy.deepcopy`` keep: options, probe, colour basis, strip and the views'
-        memory; not the loggers that got the ``inputs`` picture (references to objects of the run, which
-        a copy used in another process or fit does not have: the copy logs ``inputs`` again)."""
-        state = self.__dict__.copy()
+        memory. Not the objects of the run it is part of, which a copy in another process or fit does
+        not have: the loggers that got the ``inputs`` picture (the copy logs it again), and the
+        LightningModule's ``log`` and ``log_dict`` that Lightning attaches to every callback (it attaches
+        them again at the next fit)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
         state["_inputs_logged_to"] = None
         return state
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -78,3 +80,36 @@ def readme_tensorboard_flags() -> list[str]:
     flags = {tuple(shlex.split(command)[3:]) for command in commands}
     assert len(flags) == 1, f"the README's tensorboard commands disagree: {commands}"
     return list(flags.pop())
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """Trackers offline, telemetry off, their files under ``tmp_path``; no connection leaves the machine."""
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    attempts: list[object] = []
+    connect = socket.socket.connect
+
+    def loopback_only(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]  # type: ignore[index]
+            if not ipaddress.ip_address(host).is_loopback:
+                attempts.append(address)
+                raise OSError(f"the test refused a connection to {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    yield
+    assert attempts == [], f"connections beyond loopback: {attempts}"

@@ -1,7 +1,9 @@
-"""Two CPU processes under strategy="ddp": run by tests/test_distributed.py as a script.
+"""Two CPU processes under strategy="ddp" (or "ddp_spawn"): run by tests/test_distributed.py as a script.
 
-Lightning's DDP launcher re-runs this script once per extra rank, so it must be a plain script.
-Each rank writes what it saw into OUT_DIR; rank zero alone should write TensorBoard images.
+Lightning's DDP launcher re-runs this script once per extra rank, so it must be a plain script;
+ddp_spawn pickles the Trainer with its callbacks, the model and the data into each process, so every
+class here is defined at module level. Each rank writes what it saw into OUT_DIR; rank zero alone
+should write TensorBoard images.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class FailsOnceOnRankOne(PRISMMonitor):
         return super()._run(trainer, pl_module, probe)
 
 
+class Classifier(make_module_class(pl)):  # a class ddp_spawn can pickle (by its module-level name)
+    pass
+
+
 #: Validation draws these samples of a shared dataset through its sampler (Lightning wraps it in a
 #: DistributedSamplerWrapper, so each rank sees part of them).
 VALIDATION = [1, 4, 6, 9, 12, 15, 19, 22, 23, 28]
@@ -61,7 +67,8 @@ VALIDATION = [1, 4, 6, 9, 12, 15, 19, 22, 23, 28]
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
-    views = ["prism", "grad_cam", "saliency"] if sys.argv[2:] == ["views"] else ["prism"]
+    options = sys.argv[2:]
+    views = ["prism", "grad_cam", "saliency"] if "views" in options else ["prism"]
     monitor = FailsOnceOnRankOne(num_images=4, views=views, target="label")
     train, _ = loaders()
     val = DataLoader(Stripes(32, seed=2), batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
@@ -69,11 +76,11 @@ if __name__ == "__main__":
         max_epochs=2,
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy="ddp_spawn" if "spawn" in options else "ddp",
         callbacks=[monitor, Record(monitor, out_dir)],
         logger=TensorBoardLogger(out_dir, name="tb", version=0),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(make_module_class(pl)(), train, val)
+    trainer.fit(Classifier(), train, val)

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -122,3 +135,92 @@ def events(log_dir) -> EventAccumulator:
 
 def decode(event) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+
+def wandb_records(path: str) -> list:
+    """The records of a W&B run's transaction log (``run-<id>.wandb``), parsed with W&B's own protobufs.
+
+    The file is a 7-byte header (``:W&B``, magic, version) and a LevelDB-style log: 32 KiB blocks of
+    records, each a 7-byte header (checksum, length, type: full, first, middle or last) and data;
+    a full record, or first + middle… + last, is one serialised ``wandb_internal_pb2.Record``.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    ident, _, _ = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B"
+    records, pending, position, block = [], b"", 7, 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too little room left in the block for a header
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:
+            break
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # full, or last of several
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+@contextmanager
+def tensorboard_server(logdir, flags: list[str]) -> Iterator[str]:
+    """The real ``tensorboard`` command serving ``logdir`` with ``flags`` on a free loopback port;
+    yields its base URL, and stops it afterwards."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(logdir), *flags]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log = Path(logdir) / "tensorboard.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def served_images(base: str, run: str, tag: str) -> list[dict]:
+    """The images TensorBoard's images dashboard lists for ``run`` and ``tag`` ([] while it loads)."""
+    query = urllib.parse.urlencode({"run": run, "tag": tag})
+    try:
+        return json.loads(http_get(f"{base}/data/plugin/images/images?{query}"))
+    except OSError:
+        return []
+
+
+def wait_for_images(base: str, run: str, tag: str, count: int, timeout: float = 90) -> list[dict]:
+    """Ask until the server has loaded ``count`` images of ``tag`` (it reads event files in the background)."""
+    deadline = time.monotonic() + timeout
+    served: list[dict] = []
+    while time.monotonic() < deadline:
+        served = served_images(base, run, tag)
+        if len(served) >= count:
+            break
+        time.sleep(0.5)
+    return served
+
+
+def served_image(base: str, entry: dict) -> np.ndarray:
+    """One image as the dashboard shows it, RGB."""
+    data = http_get(f"{base}/data/plugin/images/individualImage?{entry['query']}")
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -24,15 +24,17 @@ def fit(out_dir: Path, *options: str) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """One DDP fit with the default view, shared by the tests."""
-    out_dir = tmp_path_factory.mktemp("ddp")
-    return out_dir, fit(out_dir)
+@pytest.fixture(scope="module", params=["ddp", "ddp_spawn"])
+def plain(request, tmp_path_factory) -> tuple[Path, list[dict], list[str]]:
+    """One DDP fit with the default view, shared by the tests, and the script's options for it;
+    ddp_spawn pickles the Trainer with its callbacks (the monitor among them) into each process."""
+    out_dir = tmp_path_factory.mktemp(request.param)
+    options = ["spawn"] if request.param == "ddp_spawn" else []
+    return out_dir, fit(out_dir, *options), options
 
 
 def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(plain):
-    tmp_path, ranks = plain
+    tmp_path, ranks, _ = plain
     assert ranks[0] == ranks[1]  # every rank has the same probe
     assert set(ranks[0]["indices"]) <= set(VALIDATION) and len(ranks[0]["indices"]) == 4
     event_files = list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
@@ -63,7 +65,7 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(plain):
 def test_ddp_gradient_views_never_touch_training(tmp_path, plain):
     """Grad-CAM and saliency on every rank, on the LightningModule itself: the weights come out exactly
     as without them (no gradient reached DDP's reducer or the optimiser) and rank zero logs them."""
-    with_views, without = fit(tmp_path / "views", "views"), plain[1]
+    with_views, without = fit(tmp_path / "views", "views", *plain[2]), plain[1]
     assert with_views[0]["weights_sum"] == with_views[1]["weights_sum"] == without[0]["weights_sum"]
     assert with_views[0]["grads"] == without[0]["grads"]
     acc = EventAccumulator(

@@ -635,7 +635,8 @@ def test_bad_arguments_are_clear_errors():
         with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got function"):
             method(lambda x: x, images)
         with pytest.raises(
-            ValueError, match=r"must return class scores .*\(N, num_classes\) or a single logit .*\(2, 3, 32, 32\)"
+            ValueError,
+            match=r"must return class scores .*\(N, num_classes\) or a single logit .*\(2, 3, 32, 32\)",
         ):
             method(nn.Conv2d(3, 3, 1), images)
     with pytest.raises(TypeError, match=r"guided must be a bool, got 'yes'"):
@@ -1060,3 +1061,92 @@ def test_attention_input_is_the_last_attention_and_grad_cam_there_is_not_zero(se
 def test_attention_input_of_timm_class_token_models(name, expected):
     timm = pytest.importorskip("timm")
     assert gradients.attention_input(timm.create_model(name, pretrained=False)) == expected
+
+
+# ------------------------------------------------------------- single-logit and multi-label models
+def single_logit_cnn(flatten: bool) -> nn.Sequential:
+    """``tiny_cnn`` with one logit (``(N, 1)``, or ``(N,)`` with ``flatten``), its bias set so that
+    the three test images fall on both sides of 0."""
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=1)
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images)[:, 0].sort().values
+        model[10].bias -= (logits[0] + logits[1]) / 2  # one image below 0, two above
+    if flatten:
+        model.append(nn.Flatten(0))
+    return model, images
+
+
+class BothSigns(nn.Module):
+    """A single-logit model read as two classes: column 0 the negated logit, column 1 the logit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self.model(x).reshape(-1, 1)
+        return torch.cat([-logit, logit], dim=1)
+
+
+@pytest.mark.parametrize("flatten", [False, True])  # (N, 1) and (N,) logits
+@pytest.mark.parametrize("targets", [None, 0, [1, 0, 0]])
+def test_a_single_logit_model_class_one_is_the_logit_class_zero_its_negation(flatten, targets):
+    model, images = single_logit_cnn(flatten)
+    net = float64_copy(model)
+    with torch.no_grad():
+        logit = net(images.double()).reshape(-1)
+    assert sorted((logit > 0).tolist()) == [False, True, True]
+    expected = (logit > 0).long() if targets is None else torch.tensor(targets).expand(3)
+    # Independently: a two-column model whose column c is the score of class c, in float64.
+    activation = net[:8](images.double()).detach()
+    head = BothSigns(net[8:])
+    alpha, cams, maps = reference_grad_cam(head, activation, expected, (32, 32))
+    result = grad_cam(model, images, targets)
+    assert result.targets.tolist() == expected.tolist() and result.output.shape == (3, 1)
+    torch.testing.assert_close(result.alpha.double(), alpha, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.cams.double(), cams, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.maps.double(), maps, rtol=0, atol=1e-4)
+    gradients_, sal_maps = reference_saliency(BothSigns(model), images, expected)
+    sal = saliency(model, images, targets)
+    assert sal.targets.tolist() == expected.tolist()
+    torch.testing.assert_close(sal.gradients.double(), gradients_, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(sal.maps.double(), sal_maps, rtol=0, atol=1e-4)
+
+
+def test_a_mask_of_allowed_classes_explains_each_images_highest_scoring_allowed_class(seeded):
+    model, images = tiny_cnn(num_classes=4), torch.rand(3, 3, 32, 32)
+    allowed = torch.tensor(
+        [[True, False, True, False], [False, False, False, False], [False, True, True, True]]
+    )
+    with torch.no_grad():
+        scores = model(images).numpy()
+    # Each image's best allowed class, in numpy; an image that allows none takes its prediction.
+    expected = [
+        int(np.argmax(np.where(row, s, -np.inf))) if row.any() else int(np.argmax(s))
+        for s, row in zip(scores, allowed.numpy(), strict=True)
+    ]
+    for method in METHODS.values():
+        masked, indexed = method(model, images, targets=allowed), method(model, images, targets=expected)
+        assert masked.targets.tolist() == expected
+        torch.testing.assert_close(masked.maps, indexed.maps)
+
+
+def test_bad_targets_of_single_logit_and_multi_label_models_are_clear_errors(seeded):
+    model, images = single_logit_cnn(flatten=False)
+    for method in METHODS.values():
+        with pytest.raises(
+            ValueError, match=r"targets of a single-logit \(binary\) model must be 0 or 1.*\[2, 2, 2\]"
+        ):
+            method(model, images, targets=2)
+        with pytest.raises(
+            ValueError, match=r"a targets mask must have one column per class of the model's \(N, 1\)"
+        ):
+            method(model, images, targets=torch.ones(3, 1, dtype=torch.bool))
+        with pytest.raises(
+            ValueError, match=r"a targets mask must have one row per image \(3\), got shape \(2, 4\)"
+        ):
+            method(tiny_cnn(num_classes=4), images, targets=torch.ones(2, 4, dtype=torch.bool))
+        with pytest.raises(TypeError, match=r"targets must be class indices .* or an \(N, K\) bool mask"):
+            method(model, images, targets=torch.ones(3, dtype=torch.bool))

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import glob
 import io
-import ipaddress
 import json
 import re
-import socket
-import struct
 import warnings
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_helpers import loaders, make_module_class
+from lit_helpers import loaders, make_module_class, wandb_records
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -31,39 +28,6 @@ from lightning_prism.loggers import Picture, backend, log_pictures, save_file
 TinyClassifier = make_module_class(pl)
 NAMES = ["vertical", "horizontal"]
 SCALARS = ("prism/explained_variance/pc1", "prism/similarity/previous", "prism/class_separation")
-
-
-@pytest.fixture()
-def offline(monkeypatch, tmp_path):
-    """Trackers offline, telemetry off, their files under ``tmp_path``; no connection leaves the machine."""
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_ERROR_REPORTING": "false",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    attempts: list[object] = []
-    connect = socket.socket.connect
-
-    def loopback_only(self: socket.socket, address: object) -> None:
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            host = address[0]  # type: ignore[index]
-            if not ipaddress.ip_address(host).is_loopback:
-                attempts.append(address)
-                raise OSError(f"the test refused a connection to {address}")
-        return connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", loopback_only)
-    yield
-    assert attempts == [], f"connections beyond loopback: {attempts}"
 
 
 def fit(tmp_path, logger, epochs: int = 3) -> tuple[PRISMMonitor, TensorBoardLogger, pl.LightningModule]:
@@ -190,36 +154,6 @@ def test_mlflow_gets_every_epochs_pictures_the_scalars_and_the_strip(tmp_path, o
 
 
 # ---------------------------------------------------------------------- W&B
-def wandb_records(path: str) -> list:
-    """The records of a W&B run's transaction log (``run-<id>.wandb``), parsed with W&B's own protobufs.
-
-    The file is a 7-byte header (``:W&B``, magic, version) and a LevelDB-style log: 32 KiB blocks of
-    records, each a 7-byte header (checksum, length, type: full, first, middle or last) and data;
-    a full record, or first + middle… + last, is one serialised ``wandb_internal_pb2.Record``.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data = Path(path).read_bytes()
-    ident, _, _ = struct.unpack("<4sHB", data[:7])
-    assert ident == b":W&B"
-    records, pending, position, block = [], b"", 7, 32768
-    while position + 7 <= len(data):
-        if block - position % block < 7:  # too little room left in the block for a header
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if kind == 0:
-            break
-        pending += data[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # full, or last of several
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
 def test_wandb_gets_captioned_pictures_every_epoch_and_the_strip(tmp_path, offline):
     wandb = pytest.importorskip("wandb")
     from pytorch_lightning.loggers import WandbLogger

@@ -100,7 +100,10 @@ def test_split_batch_finds_images_and_labels():
         split_batch({"a": x})
     with pytest.raises(KeyError, match=r"image_key 'img' is not in the batch; its keys are \['a'\]"):
         split_batch({"a": x}, image_key="img")
-    with pytest.raises(TypeError, match=r"label_key 1 holds Tensor, not class labels \(integer class indices, or 0/1 multi-hot"):
+    with pytest.raises(
+        TypeError,
+        match=r"label_key 1 holds Tensor, not class labels \(integer class indices, or 0/1 multi-hot",
+    ):
         split_batch((x, torch.rand(2)), label_key=1)
 
 
@@ -162,3 +165,52 @@ def test_build_probe_takes_the_datasets_class_names():
     dataset.classes = ("vertical", "horizontal")  # as torchvision datasets (ImageFolder) have
     assert build_probe(DataLoader(dataset), 2).class_names == ["vertical", "horizontal"]
     assert build_probe(DataLoader(Subset(dataset, [1, 2, 3])), 2).class_names == ["vertical", "horizontal"]
+
+
+MULTI_HOT = [[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0]]
+
+
+class MultiLabel(torch.utils.data.Dataset):
+    """Images with multi-hot float labels over three classes (as a chest X-ray or attribute dataset
+    returns them), as dict samples; ``targets`` only when asked."""
+
+    def __init__(self, with_targets: bool) -> None:
+        self.images = torch.rand(len(MULTI_HOT), 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        if with_targets:
+            self.targets = torch.tensor(MULTI_HOT)
+
+    def __len__(self) -> int:
+        return len(MULTI_HOT)
+
+    def __getitem__(self, i: int):
+        return {"image": self.images[i], "labels": torch.tensor(MULTI_HOT[i], dtype=torch.float32)}
+
+
+def test_multi_hot_and_zero_one_labels_are_labels():
+    x = torch.rand(2, 3, 4, 4)
+    multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert split_batch((x, multi_hot))[1] is multi_hot
+    binary = torch.tensor([1.0, 0.0])  # a binary classifier's float targets
+    assert split_batch((x, binary))[1] is binary
+    assert split_batch((x, torch.tensor([[0.3, 0.7], [1.0, 0.0]])))[1] is None  # soft labels are none
+
+
+@pytest.mark.parametrize("with_targets", [True, False])  # labels from `targets`, or read sample by sample
+def test_a_multi_label_probe_keeps_its_multi_hot_labels_and_spreads_over_labels(with_targets):
+    dataset = MultiLabel(with_targets)
+    probe = build_probe(DataLoader(dataset, batch_size=4), 3)
+    # Round robin over the classes: class 0's first sample, class 1's (sample 3), class 2's (sample 6);
+    # the evenly spaced choice would have been [0, 4, 7], which misses classes 1 and 2.
+    assert probe.indices == [0, 3, 6]
+    assert probe.multi_hot and probe.labels.dtype == torch.long
+    assert probe.labels.tolist() == [MULTI_HOT[i] for i in (0, 3, 6)]
+    # A sample without any label is a group of its own, after the classes.
+    assert build_probe(DataLoader(dataset, batch_size=4), 4).indices == [0, 3, 4, 6]
+
+
+def test_select_indices_spreads_over_the_labels_of_multi_hot_samples():
+    labels = [(0,), (0,), (0, 1), (1,), (), (2,), (0, 2)]
+    assert select_indices(range(7), 3, labels) == [0, 2, 5]
+    assert select_indices(range(7), 5, labels) == [0, 1, 2, 4, 5]
+    # a sample under two classes is taken once
+    assert select_indices(range(3), 3, [(0, 1), (0, 1), (1,)]) == [0, 1, 2]

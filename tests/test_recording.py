@@ -296,7 +296,8 @@ def _segmentation_head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "name", ["fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+    "name",
+    ["fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"],
 )
 def test_torchvision_segmentation_models_take_the_map_entering_their_class_scores(name):
     # The class-score convolution's output reaches the returned scores through a container that hands
