@@ -13,6 +13,7 @@ import io
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -66,6 +67,15 @@ def _check_key(name: str, value: Any) -> None:
 
 def _cpu(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.cpu()
+
+
+def eager() -> AbstractContextManager[Any]:
+    """The monitor's own forwards run eagerly in a ``torch.compile``'d model
+    (``torch.compiler.set_stance("force_eager")``, PyTorch 2.6 and later): recording a forward needs
+    every module call, and a compiled forward would recompile every epoch for the recorder's wrappers
+    (and, past dynamo's recompile limit, leave the training forward uncompiled)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 def _raised_in_call_of(error: BaseException, module: nn.Module) -> bool:
@@ -472,7 +482,8 @@ class PRISMMonitorBase:
         try:
             # Under DDP the probe is built once and broadcast from rank zero: every rank gets here.
             probe = self._get_probe(trainer, pl_module)
-            scalars = self._run(trainer, pl_module, probe)
+            with eager():
+                scalars = self._run(trainer, pl_module, probe)
         except Exception as error:
             if self.strict:
                 raise
