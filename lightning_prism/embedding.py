@@ -39,6 +39,7 @@ __all__ = [
     "NEUTRAL",
     "PALETTE",
     "SPRITE_LIMIT",
+    "THUMBNAIL_LIMIT",
     "WANDB_DIMENSIONS",
     "embedding_plot",
     "embedding_range",
@@ -79,6 +80,9 @@ ZERO_LINE = (225, 225, 225)
 TEXT = (30, 30, 30)
 #: The sprite TensorBoard's Projector shows is at most this many pixels a side.
 SPRITE_LIMIT = 8192
+#: Thumbnails larger than this (pixels a side) are reduced to it: the projectors show them as small
+#: tiles, and 1,000 thumbnails of 64×64 make a 2048×2048 sprite.
+THUMBNAIL_LIMIT = 64
 #: Dimensions of the W&B table's ``embedding`` column (W&B's projector uses at most 50).
 WANDB_DIMENSIONS = 50
 #: Least width of the legend's column, in pixels (about 13 characters at the default size).
@@ -411,14 +415,26 @@ def _names(values: Tensor | None, class_names: Sequence[str] | None, count: int)
     return out
 
 
+def _thumbnail_side(count: int, height: int, width: int) -> int:
+    """The side of ``count`` square thumbnails: at most :data:`THUMBNAIL_LIMIT`, and small enough for
+    a square sprite of at most :data:`SPRITE_LIMIT` pixels a side (TensorBoard squares them).
+
+    Example::
+
+        >>> _thumbnail_side(1000, 32, 32), _thumbnail_side(1000, 224, 224), _thumbnail_side(50_000, 64, 64)
+        (32, 64, 36)
+    """
+    return max(1, min(max(height, width), THUMBNAIL_LIMIT, SPRITE_LIMIT // math.ceil(math.sqrt(count))))
+
+
 def _sprite_thumbnails(thumbnails: Tensor, count: int) -> Tensor:
-    """``(count, 3, s, s)`` float32 in ``[0, 1]`` on the CPU, small enough for a sprite of at most
-    :data:`SPRITE_LIMIT` pixels a side (TensorBoard squares the thumbnails)."""
+    """``(N, 3, s, s)`` float32 in ``[0, 1]`` on the CPU, ``s`` from :func:`_thumbnail_side` for a sprite
+    of ``count`` thumbnails."""
     t = thumbnails.detach().cpu()
     t = t.float() / 255 if t.dtype == torch.uint8 else t.float()
     if t.shape[1] == 1:
         t = t.expand(-1, 3, -1, -1)
-    side = min(max(t.shape[-2:]), SPRITE_LIMIT // math.ceil(math.sqrt(count)))
+    side = _thumbnail_side(count, *t.shape[-2:])
     if tuple(t.shape[-2:]) != (side, side):
         t = torch.nn.functional.interpolate(t, size=(side, side), mode="bilinear", antialias=True)
     return t[:, :3].clamp(0, 1)
@@ -448,8 +464,9 @@ def log_embedding(
     each tracker gets is described in the module's docstring. For TensorBoard the embedding is named
     ``"<tag>:<step, 5 digits>"`` in the Projector; its files go to ``<log_dir>/<step>/<tag with / as
     %2F>/`` (``add_embedding``'s own layout, which keeps the tag's ``/`` out of the directory tree).
-    The TensorBoard sprite is at most :data:`SPRITE_LIMIT` pixels a side: thumbnails are reduced to
-    fit.
+    Thumbnails are reduced to at most :data:`THUMBNAIL_LIMIT` pixels a side, and for TensorBoard's
+    sprite (at most :data:`SPRITE_LIMIT` pixels a side) further if needed; non-square ones are
+    stretched to squares, as the Projector shows them.
 
     Args:
         logger: a Lightning logger (recognised by :func:`~lightning_prism.loggers.backend`).
