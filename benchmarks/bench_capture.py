@@ -19,6 +19,11 @@ A second table times what the epoch's end costs: :func:`~lightning_prism.discrim
 
     python benchmarks/bench_capture.py            # 5 rounds of 4 batches per model (several minutes)
     python benchmarks/bench_capture.py --quick    # 3 rounds of 2 batches, 2,000 samples at the end
+    python benchmarks/bench_capture.py --threads 1  # one thread: no waiting for a descheduled one
+
+On a machine whose cores other processes share, every parallel operation can wait a scheduler time
+slice (4 to 24 ms) for a thread that was descheduled, also the capture's pooling of a 4×4 map, which
+takes 0.5 ms on one thread; ``--threads 1`` removes that wait from both sides.
 """
 
 from __future__ import annotations
@@ -156,7 +161,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--batches", type=int, default=None, help="batches per validation epoch")
     parser.add_argument("--samples", type=int, default=None, help="samples at the epoch's end")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 5)
     batches = args.batches or (2 if args.quick else 4)
     samples = args.samples or (2_000 if args.quick else 10_000)

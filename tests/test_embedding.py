@@ -294,13 +294,14 @@ def test_tensorboard_metadata_with_one_column_has_no_header(tmp_path):
 
 
 def read_wandb_table(run_dir: Path, key: str) -> tuple[dict, dict[str, bytes]]:
-    """The table W&B keeps for ``key`` (its run_table artifact, as the offline run records it) and the
-    files of that artifact, by path."""
+    """The table W&B keeps for ``key``: its ``run_table`` artifact (``run-<id>-<key without />…``), as
+    the offline run's records list it, read from W&B's staging files; and that artifact's files by path."""
     (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     tables = []
     for record in wandb_records(log):
-        if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "run_table":
-            files = {c.path: Path(c.local_path).read_bytes() for c in record.artifact.manifest.contents}
+        artifact = record.artifact if record.WhichOneof("record_type") == "artifact" else None
+        if artifact is not None and artifact.type == "run_table" and key.replace("/", "") in artifact.name:
+            files = {c.path: Path(c.local_path).read_bytes() for c in artifact.manifest.contents}
             tables += [(json.loads(v), files) for p, v in files.items() if p.endswith(".table.json")]
     assert len(tables) == 1, [sorted(f) for _, f in tables]
     return tables[0]
