@@ -293,12 +293,23 @@ def test_tensorboard_metadata_with_one_column_has_no_header(tmp_path):
     assert Image.open(sprite).size == (3 * 64, 3 * 64)
 
 
-def read_wandb_table(run_dir: Path, key: str) -> tuple[dict, dict[str, bytes]]:
+def finished_records(run_dir: Path) -> list:
+    """The records of an offline W&B run once its transaction log ends with the exit record: W&B's
+    service may still be writing it when ``wandb.finish()`` returns (seen on a process's first run)."""
+    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
+    deadline = time.monotonic() + 30
+    while True:
+        records = wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_wandb_table(records: list, key: str) -> tuple[dict, dict[str, bytes]]:
     """The table W&B keeps for ``key``: its ``run_table`` artifact (``run-<id>-<key without />…``), as
     the offline run's records list it, read from W&B's staging files; and that artifact's files by path."""
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     tables = []
-    for record in wandb_records(log):
+    for record in records:
         artifact = record.artifact if record.WhichOneof("record_type") == "artifact" else None
         if artifact is not None and artifact.type == "run_table" and key.replace("/", "") in artifact.name:
             files = {c.path: Path(c.local_path).read_bytes() for c in artifact.manifest.contents}
@@ -317,7 +328,8 @@ def test_wandb_gets_a_table_for_its_projector(tmp_path, offline):  # noqa: F811
     run_dir = Path(logger.experiment.dir).parent
     wandb.finish()
 
-    table, files = read_wandb_table(run_dir, "prism/embedding")
+    records = finished_records(run_dir)
+    table, files = read_wandb_table(records, "prism/embedding")
     assert table["columns"] == ["class", "prediction", "embedding", "image"]
     index = projector_indices(60, 40)
     rows = table["data"]
@@ -338,10 +350,9 @@ def test_wandb_gets_a_table_for_its_projector(tmp_path, offline):  # noqa: F811
         reference = data["thumbnails"][index[k]].permute(1, 2, 0).numpy()
         assert np.abs(image - reference).max() <= 1 / 255 + 1e-6
 
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     steps = [
         json.loads(item.value_json)
-        for record in wandb_records(log)
+        for record in records
         if record.WhichOneof("record_type") == "history"
         for item in record.history.item
         if item.key == "trainer/global_step" or list(item.nested_key) == ["trainer/global_step"]
