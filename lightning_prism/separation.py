@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .discrimination import eta_squared
+
 __all__ = ["class_separation"]
 
 
@@ -13,9 +15,9 @@ def class_separation(features: Tensor, labels: Tensor) -> Tensor | None:
 
     Each image is summarised by the spatial mean of its principal-component scores (a point in the
     3-D PRISM colour space). With ``m`` the mean of all points and ``m_k`` the mean of class ``k``
-    (``n_k`` images), the score is ``Σ_k n_k ‖m_k − m‖² / Σ_i ‖v_i − m‖²``: 1 when every class
-    sits on one point of its own, 0 when the class means coincide. It is invariant to rescaling the
-    features.
+    (``n_k`` images), the score is ``Σ_k n_k ‖m_k − m‖² / Σ_i ‖v_i − m‖²``
+    (:func:`~lightning_prism.discrimination.eta_squared` of the points): 1 when every class sits on
+    one point of its own, 0 when the class means coincide. It is invariant to rescaling the features.
 
     Args:
         features: ``(N, k, h, w)`` PRISM features (scores).
@@ -35,13 +37,5 @@ def class_separation(features: Tensor, labels: Tensor) -> Tensor | None:
         raise ValueError(
             f"expected (N, k, h, w) features and (N,) labels, got {tuple(features.shape)} and {tuple(labels.shape)}"
         )
-    points = features.to(torch.float64).mean(dim=(2, 3))
-    classes, counts = labels.unique(return_counts=True)
-    if classes.numel() < 2 or int(counts.max()) < 2:
-        return None
-    centred = points - points.mean(dim=0)
-    total = centred.pow(2).sum()
-    if total <= 0:
-        return None
-    between = sum((labels == c).sum() * centred[labels == c].mean(dim=0).pow(2).sum() for c in classes)
-    return (between / total).clamp(0, 1).to(torch.float32)
+    dtype = torch.float32 if features.device.type == "mps" else torch.float64
+    return eta_squared(features.to(dtype).mean(dim=(2, 3)), labels)
