@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -23,14 +24,19 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from .capture import MAX_SAMPLES
+from .discrimination import KNN_K, embedding_axes
+from .embedding import embedding_plot, embedding_range, log_embedding
 from .engine import BASES, BasisMismatchError
-from .loggers import TAKES_PICTURES, backend, log_pictures, save_file
+from .layout import FeatureLayout
+from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
-from .probe import Probe, build_probe
-from .recording import resolve_module
+from .probe import Probe, build_probe, isolated_random_state, loader_samplers
+from .recording import record, resolve_module
 from .render import EvolutionHistory, denormalize, load_font, missing_glyphs, to_uint8
 from .scores import TASKS, class_scores, infer_task
 from .separation import class_separation
+from .validation import EpochFeatures, ValidationFeatures
 from .views import VIEWS, ProbeViews, ViewsOutput, captions, label_text, probe_pictures
 
 __all__ = ["PRISMMonitor", "PRISMMonitorBase"]
@@ -49,6 +55,9 @@ SCALARS = (
     "similarity/previous",
     "similarity/first",
     "class_separation",
+    "val/knn_accuracy",
+    "val/class_separation",
+    "val/effective_rank",
 )
 TARGETS = ("prediction", "label")
 #: A tag prefix: ``/``-separated words of letters, digits, ``_`` and ``-`` (a valid key everywhere).
@@ -78,6 +87,19 @@ def eager() -> AbstractContextManager[Any]:
     return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
+def _expected_samples(loader: Any, batches: float) -> int | None:
+    """How many samples one rank's pass over a validation dataloader sees, if it can be known: its
+    sampler's length (per rank under a ``DistributedSampler``), within ``limit_val_batches``."""
+    try:
+        samples = len(loader.sampler)
+    except TypeError:
+        return None
+    batch_size = getattr(loader, "batch_size", None)
+    if batch_size and math.isfinite(batches):
+        samples = min(samples, int(batches) * batch_size)
+    return samples
+
+
 def _raised_in_call_of(error: BaseException, module: nn.Module) -> bool:
     """Whether ``error`` came out of calling ``module`` (its ``forward``, or binding its arguments)."""
     call = nn.Module._call_impl.__code__
@@ -87,6 +109,22 @@ def _raised_in_call_of(error: BaseException, module: nn.Module) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _forward_error(error: Exception, target: nn.Module, images: Tensor) -> Exception:
+    """``error`` itself, or, if calling ``target`` on the images raised it, an error that says what
+    PRISM called and which option to pass when that forward takes something else (raise it from
+    ``error``)."""
+    if not _raised_in_call_of(error, target):
+        return error
+    children = [name for name, _ in target.named_children()]
+    return RuntimeError(
+        f"the probe forward failed: {type(error).__name__}: {error}. PRISM calls "
+        f"{type(target).__name__}.forward(images) with the image batch of shape {tuple(images.shape)}; "
+        "if that forward takes something else (a dict, several arguments), pass module='<name>' naming "
+        "the submodule whose forward takes the images"
+        + (f" (submodules of {type(target).__name__}: {', '.join(map(repr, children))})" if children else "")
+    )
 
 
 class PRISMMonitorBase:
@@ -194,6 +232,9 @@ class PRISMMonitorBase:
             attention (:func:`~lightning_prism.gradients.attention_input`; for timm's ViT-B,
             ``"model.blocks.11:input"``), from the next epoch on in a forward of its own.
         evolution_view: the view the evolution strip shows (one of ``views``; default the first).
+        baseline: log every view of the model as loaded when ``fit`` starts (before the first optimiser
+            step, at step 0; not when resuming a run that has it): the "before" row of the strip, and
+            the basis that ``similarity/first`` and ``basis="fixed"`` refer to.
         strict: raise instead of warning when PRISM fails at run time.
 
     Raises:
@@ -244,6 +285,10 @@ class PRISMMonitorBase:
         task: str | None = None,
         grad_cam_layer: str | None = None,
         evolution_view: str | None = None,
+        baseline: bool = True,
+        val_samples: int = MAX_SAMPLES,
+        knn_k: int = KNN_K,
+        embedding_samples: int = 1000,
         strict: bool = False,
     ) -> None:
         _check_int("num_images", num_images, 1)
@@ -287,6 +332,9 @@ class PRISMMonitorBase:
         if not 0 <= overlay_alpha <= 1:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
         _check_int("evolution_rows", evolution_rows, 2)
+        _check_int("val_samples", val_samples, 0)
+        _check_int("knn_k", knn_k, 1)
+        _check_int("embedding_samples", embedding_samples, 0)
         if font is not None:
             try:
                 load_font(12, font)
@@ -337,7 +385,21 @@ class PRISMMonitorBase:
         self.task = task
         self.grad_cam_layer = grad_cam_layer
         self.evolution_view = evolution_view if evolution_view is not None else self.views[0]
+        self.baseline = baseline
+        self.val_samples = val_samples
+        self.knn_k = knn_k
+        self.embedding_samples = embedding_samples
         self.strict = strict
+        self._validation = ValidationFeatures(
+            max(val_samples, 1),
+            k=knn_k,
+            image_key=image_key,
+            label_key=label_key,
+            mean=self.mean,
+            std=self.std,
+            thumbnails=embedding_samples > 0,
+        )
+        self._validation_index = 0
 
         self._evolution = EvolutionHistory(evolution_rows)
         self._probe_views = ProbeViews(
@@ -362,6 +424,13 @@ class PRISMMonitorBase:
         self._warned: set[str] = set()
         self._probe: Probe | None = None
         self._ran = False  # whether a validation epoch of this run reached the monitor
+        self._baseline_logged = False  # whether this run's "before" row (the model as loaded) is logged
+        # PRISM's final layer (relative to the forward's module) and layout, and which module they are of
+        self._final_map: tuple[int, str, FeatureLayout] | None = None
+        # the probe's pooled final map and labels, from the last views' pass (marked in the embedding)
+        self._probe_pooled: tuple[Tensor, Tensor | None] | None = None
+        self._embedding_axes: Tensor | None = None  # (D, 2) the embedding's axes of the previous pass
+        self._embedding_limit = 0.0  # its axis range so far (the frame only grows)
         self._probe_indices: list[int] | None = self.indices
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
@@ -405,6 +474,9 @@ class PRISMMonitorBase:
             "reference": plain(self._reference),
             "first": plain(self._first),
             "evolution": self._evolution.state_dict(),
+            "baseline_logged": self._baseline_logged,
+            "embedding_axes": plain(self._embedding_axes),
+            "embedding_limit": self._embedding_limit,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -439,6 +511,9 @@ class PRISMMonitorBase:
                 self._evolution.reset()
         self._reference = tensor(state_dict.get("reference"))
         self._first = tensor(state_dict.get("first"))
+        self._baseline_logged = bool(state_dict.get("baseline_logged", False))
+        self._embedding_axes = tensor(state_dict.get("embedding_axes"))
+        self._embedding_limit = float(state_dict.get("embedding_limit", 0.0))
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -471,36 +546,120 @@ class PRISMMonitorBase:
             self._probe_indices = self.indices
             self._probe_views.reset()  # perhaps another model
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The "before" row: every view of the model as loaded and its validation-set metrics, before the
+        first optimiser step, at step 0 (not when resuming a run that has it, or one that has trained)."""
+        if not self.baseline or self._baseline_logged or trainer.global_step > 0:
             return
-        fitting = trainer.state.fn == "fit"
-        if fitting and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        if val_loop._combined_loader is None:  # no sanity check: Lightning sets it up at the first validation
+            val_loop.setup_data()
+        if val_loop._combined_loader is None or not sum(trainer.num_val_batches):
+            return  # no validation: no probe (on_fit_end says so)
+        self._baseline_logged = True
+        scalars: dict[str, float] = {}
+        try:
+            probe = self._get_probe(trainer, pl_module)
+            with eager(), torch.no_grad():
+                scalars = self._run(trainer, pl_module, probe, row="before")
+        except Exception as error:
+            self._fail("the row of the model before training", error)
+        if self.val_samples:  # every rank takes part in the gather, whatever happened above
+            features = self._baseline_pass(trainer, pl_module)
+            scalars.update(self._validation_metrics(trainer, pl_module, features, row="before"))
+        if trainer.is_global_zero and scalars:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=_logging_step(trainer))
+
+    def _runs_now(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation epoch is one the monitor works in."""
+        if trainer.sanity_checking:
+            return False
+        return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put the validation capture on PRISM's final layer (taken off at the epoch's end, and on an
+        exception), if this epoch is one the monitor works in."""
+        self._validation.remove()
+        if not (self.val_samples and self._runs_now(trainer)):
+            return
+        try:
+            target = self._target(pl_module)
+            layer, layout = self._final_map_of(trainer, pl_module)
+            loader, self._validation_index = self._dataloader(trainer)
+            self._validation.start(
+                target,
+                layer,
+                layout,
+                world_size=trainer.world_size,
+                expected=_expected_samples(loader, trainer.num_val_batches[self._validation_index]),
+            )
+        except Exception as error:
+            self._validation.remove()
+            self._fail("the validation set's features", error)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._validation.active or dataloader_idx != self._validation_index:
+            return
+        try:
+            self._validation.take(batch)
+        except Exception as error:
+            self._validation.remove()
+            self._fail("the validation set's features", error)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._runs_now(trainer):
             return
         self._ran = True
-        scalars = None
+        features = None
+        if self.val_samples:  # hooks off before the probe's forward; every rank takes part in the gather
+            features = self._finish_validation(trainer, pl_module)
+        scalars: dict[str, float] | None = None
         try:
             # Under DDP the probe is built once and broadcast from rank zero: every rank gets here.
             probe = self._get_probe(trainer, pl_module)
             with eager():
                 scalars = self._run(trainer, pl_module, probe)
         except Exception as error:
-            if self.strict:
-                raise
-            self._warn_once(
-                type(error).__name__ + str(error).split("\n", 1)[0],
-                f"PRISMMonitor skipped epoch {trainer.current_epoch}: {type(error).__name__}: {error}. "
-                "Training goes on; pass strict=True to raise instead.",
-            )
+            self._fail(f"epoch {trainer.current_epoch}", error)
+        if self.val_samples:
+            scalars = {**(scalars or {}), **self._validation_metrics(trainer, pl_module, features)}
         self._log_scalars(trainer, pl_module, scalars)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._validation.remove()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._validation.remove()
+
+    def _fail(self, what: str, error: Exception) -> None:
+        """A failure at run time: raised with ``strict``, else one warning per cause."""
+        if self.strict:
+            raise error
+        self._warn_once(
+            type(error).__name__ + str(error).split("\n", 1)[0],
+            f"PRISMMonitor skipped {what}: {type(error).__name__}: {error}. Training goes on; pass strict=True "
+            "to raise instead.",
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._ran and not trainer.interrupted:
             self._warn_once(
                 "never-ran",
-                "PRISMMonitor logged no maps in this fit: no validation epoch ended where it runs (is there "
-                f"a val_dataloader, limit_val_batches > 0, and every_n_epochs={self.every_n_epochs} <= the "
-                "number of validation epochs?).",
+                "PRISMMonitor logged no maps of a training epoch in this fit"
+                + (" (only those of the model before training)" if self._baseline_logged else "")
+                + ": no validation epoch ended where it runs (is there a val_dataloader, limit_val_batches > 0, "
+                f"and every_n_epochs={self.every_n_epochs} <= the number of validation epochs?).",
             )
         if not (self.evolution_strip and trainer.is_global_zero) or trainer.fast_dev_run:
             return  # fast_dev_run switches logging off on purpose: no file, no warning about it
@@ -632,6 +791,181 @@ class PRISMMonitorBase:
         self._probe_indices = probe.indices
         return probe
 
+    # ------------------------------------------------------------------ the validation set
+    def _final_map_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str, FeatureLayout]:
+        """PRISM's final layer (relative to the forward's module) and its layout: from the last views'
+        pass on this module, else found by recording one forward of the probe."""
+        target = self._target(pl_module)
+        if self._final_map is None or self._final_map[0] != id(target):
+            probe = self._get_probe(trainer, pl_module)
+            images = probe.images[probe.finite]
+            try:
+                with eager(), trainer.precision_plugin.forward_context():
+                    recording = record(
+                        target,
+                        images,
+                        final_layer=self._relative(self.final_layer),
+                        stage_layers=[],
+                        inference_mode=torch.is_inference_mode_enabled(),
+                    )
+            except Exception as error:
+                wrapped = _forward_error(error, target, images)
+                if wrapped is error:
+                    raise
+                raise wrapped from error
+            self._final_map = (id(target), recording.final_layer, recording.final_layout)
+        return self._final_map[1:]
+
+    def _baseline_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EpochFeatures | None:
+        """The validation pass of the model as loaded (outside the validation loop, before training):
+        every validation batch as ``validation_step`` would receive it, the forward in eval mode without
+        gradients under the trainer's precision, the capture on; then the samples of every rank."""
+        try:
+            target = self._target(pl_module)
+            layer, layout = self._final_map_of(trainer, pl_module)
+            loader, index = self._dataloader(trainer)
+            limit = trainer.num_val_batches[index]
+
+            def batches() -> Any:
+                # A random sampler draws from the global random state: the pass must leave it (and
+                # the sampler's own generator) as found, so that training goes on exactly as without it.
+                with isolated_random_state(*loader_samplers(loader)):
+                    for i, batch in enumerate(loader):
+                        if i >= limit:
+                            return
+                        batch = trainer.precision_plugin.convert_input(batch)
+                        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=index)
+                        yield trainer.strategy.batch_to_device(batch, dataloader_idx=index)
+
+            modules = list(target.modules())
+            training = [m.training for m in modules]
+            try:
+                target.eval()
+                with (
+                    eager(),
+                    torch.no_grad(),
+                    trainer.precision_plugin.forward_context(),
+                    closing(batches()) as stream,
+                ):
+                    self._validation.run(
+                        target,
+                        layer,
+                        layout,
+                        stream,
+                        target,
+                        world_size=trainer.world_size,
+                        expected=_expected_samples(loader, limit),
+                    )
+            finally:
+                for module, flag in zip(modules, training, strict=True):
+                    module.training = flag
+        except Exception as error:
+            self._validation.remove()
+            self._fail("the validation set's features before training", error)
+        return self._finish_validation(trainer, pl_module)
+
+    def _finish_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> EpochFeatures | None:
+        """The pass's samples of every rank and their metrics (a collective: every rank calls this)."""
+        try:
+            return self._validation.finish(pl_module.all_gather, pl_module.device)
+        except Exception as error:
+            self._fail("the validation set's metrics", error)
+            return None
+
+    def _validation_metrics(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        features: EpochFeatures | None,
+        row: str | None = None,
+    ) -> dict[str, float]:
+        """The validation set's metrics as scalars (the same on every rank), one warning for what is
+        absent and why, and from rank zero the embedding's picture and projectors."""
+        if features is None:
+            return {}
+        note = features.result.note
+        if note is not None:
+            reasons = ";".join(sorted(set(features.result.absent.values())))
+            self._warn_once(
+                f"validation-note:{reasons}:{bool(features.result.left_out)}",
+                f"PRISMMonitor's validation-set metrics ({features.result.num_samples} samples): {note}.",
+            )
+        scalars = {
+            f"{self.prefix}/val/{name}": float(value) for name, value in features.result.metrics.items()
+        }
+        if trainer.is_global_zero:
+            try:
+                self._log_embedding(trainer, features, scalars, row)
+            except Exception as error:
+                self._fail("the embedding picture", error)
+        return scalars
+
+    def _log_embedding(
+        self, trainer: pl.Trainer, features: EpochFeatures, scalars: dict[str, float], row: str | None
+    ) -> None:
+        """``<prefix>/embedding``: the samples on two principal axes aligned with the previous pass's,
+        the probe marked; and the features for each tracker's projector (global rank zero's samples)."""
+        kept = features.result.kept
+        points = features.features[kept]
+        labels = None if features.labels is None else features.labels[kept.to(features.labels.device)]
+        if points.shape[0] < 2:
+            return
+        reference = self._embedding_axes
+        if reference is not None and reference.shape[0] != points.shape[1]:
+            reference = None  # another model
+        axes = embedding_axes(points, None if reference is None else reference.to(points.device))
+        self._embedding_axes = axes.axes.detach().float().cpu()
+        coords, marks, classes = axes.coords, None, labels
+        if self._probe_pooled is not None and self._probe_pooled[0].shape[1] == points.shape[1]:
+            pooled, probe_labels = self._probe_pooled
+            probe_coords = (pooled.to(points.device) - points.mean(dim=0)) @ axes.axes.to(pooled.dtype)
+            coords = torch.cat([coords, probe_coords.to(coords.dtype)])
+            marks = torch.cat(
+                [torch.zeros(points.shape[0], dtype=torch.bool), torch.ones(len(pooled), dtype=torch.bool)]
+            )
+            if classes is not None and probe_labels is not None and probe_labels.ndim == classes.ndim == 1:
+                classes = torch.cat([classes.long().cpu(), probe_labels.long().cpu()])
+            else:
+                classes = None
+        if classes is not None and classes.ndim != 1:
+            classes = None  # multi-hot labels: no single colour per sample
+        self._embedding_limit = max(self._embedding_limit, embedding_range(coords))
+        row = row or f"epoch {trainer.current_epoch}"
+        measured = [
+            f"{label} {scalars[f'{self.prefix}/val/{name}']:{fmt}}"
+            for name, label, fmt in (
+                ("knn_accuracy", f"{self.knn_k}-NN", ".3f"),
+                ("class_separation", "η²", ".2f"),
+                ("effective_rank", "RankMe", ".0f"),
+            )
+            if f"{self.prefix}/val/{name}" in scalars
+        ]
+        title = " · ".join([row, *measured])
+        names = self.class_names if self.class_names is not None else self._class_names()
+        image = embedding_plot(
+            coords.cpu(), None if classes is None else classes.cpu(), names, marks, title,
+            explained=axes.explained.cpu(), limit=self._embedding_limit, font=self.font,
+        )  # fmt: skip
+        step = _logging_step(trainer)
+        for logger in trainer.loggers:
+            log_pictures(logger, {f"{self.prefix}/embedding": Picture(image)}, step)
+            if self.embedding_samples:
+                own_labels = features.own_labels
+                log_embedding(
+                    logger,
+                    f"{self.prefix}/embedding",
+                    features.own_features,
+                    step,
+                    labels=own_labels if own_labels is not None and own_labels.ndim == 1 else None,
+                    predictions=features.own_predictions,
+                    class_names=names,
+                    thumbnails=features.thumbnails,
+                    max_points=self.embedding_samples,
+                )
+
+    def _class_names(self) -> list[str] | None:
+        return None if self._probe is None else self._probe.class_names
+
     # ------------------------------------------------------------------ work
     def _relative(self, name: str | None) -> str | None:
         """A layer name relative to the LightningModule, made relative to the forward's module."""
@@ -659,8 +993,11 @@ class PRISMMonitorBase:
             self._warn_once(key, message)
         return out
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> dict[str, float]:
-        """One pass of every view on the probe; pictures logged from rank zero; the scalars returned."""
+    def _run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe, row: str | None = None
+    ) -> dict[str, float]:
+        """One pass of every view on the probe; pictures logged from rank zero (the evolution strip's row
+        labelled ``row``, by default the epoch); the scalars returned."""
         target = self._target(pl_module)
         finite = probe.finite
         images = probe.images if bool(finite.all()) else probe.images[finite]
@@ -679,25 +1016,18 @@ class PRISMMonitorBase:
                     self._reference = self._first = None
                     out = self._views(target, images, None, classes)
         except Exception as error:
-            if not _raised_in_call_of(error, target):
+            wrapped = _forward_error(error, target, images)
+            if wrapped is error:
                 raise
-            children = [name for name, _ in target.named_children()]
-            raise RuntimeError(
-                f"the probe forward failed: {type(error).__name__}: {error}. PRISM calls "
-                f"{type(target).__name__}.forward(images) with the image batch of shape {tuple(images.shape)}; "
-                "if that forward takes something else (a dict, several arguments), pass module='<name>' naming "
-                "the submodule whose forward takes the images"
-                + (
-                    f" (submodules of {type(target).__name__}: {', '.join(map(repr, children))})"
-                    if children
-                    else ""
-                )
-            ) from error
+            raise wrapped from error
         result = out.result
         if result is None:
             if trainer.is_global_zero:
-                self._log(trainer, probe, out)
+                self._log(trainer, probe, out, row)
             return {}
+        self._final_map = (id(target), result.final_layer, result.final_layout)
+        labels = None if probe.labels is None else probe.labels[finite.to(probe.labels.device)]
+        self._probe_pooled = (result.final.float().mean(dim=(2, 3)), labels)
         components = result.components.detach()
         scalars = {
             f"{self.prefix}/explained_variance/pc{i + 1}": float(v)
@@ -717,7 +1047,7 @@ class PRISMMonitorBase:
             self._first = components.float().cpu()
         self._reference = components.float().cpu()
         if trainer.is_global_zero:
-            self._log(trainer, probe, out)
+            self._log(trainer, probe, out, row)
         return scalars
 
     def _task(self, scores: Tensor, probe: Probe) -> str:
@@ -763,7 +1093,7 @@ class PRISMMonitorBase:
                     add_dataloader_idx=False, batch_size=1, sync_dist=True,
                 )  # fmt: skip
 
-    def _log(self, trainer: pl.Trainer, probe: Probe, out: ViewsOutput) -> None:
+    def _log(self, trainer: pl.Trainer, probe: Probe, out: ViewsOutput, row: str | None = None) -> None:
         """Pictures to every logger, and the strip's row (global rank zero only)."""
         inputs = denormalize(probe.images, self.mean, self.std)
         texts, marked = self._captions(probe, out.output)
@@ -787,7 +1117,7 @@ class PRISMMonitorBase:
         if self.evolution_strip and trainer.state.fn == "fit" and self.evolution_view in blended:
             probe_row = None if self._evolution.has_inputs else to_uint8(inputs)
             self._evolution.add(
-                f"epoch {trainer.current_epoch}", to_uint8(blended[self.evolution_view]), probe_row
+                row or f"epoch {trainer.current_epoch}", to_uint8(blended[self.evolution_view]), probe_row
             )
         step = _logging_step(trainer)
         first_time = [logger for logger in trainer.loggers if logger not in self._inputs_logged_to]

@@ -155,12 +155,15 @@ class FeatureCapture:
         """Whether ``max_samples`` samples are kept (further batches are not looked at)."""
         return self._count >= self.max_samples
 
-    def take(self, labels: Tensor | None = None) -> int:
+    def take(self, labels: Tensor | None = None, select: Tensor | None = None) -> int:
         """Pool the feature map of the batch that just ran and keep it, with its labels.
 
         Args:
             labels: the batch's labels, ``(n,)`` class indices or ``(n, K)`` multi-hot targets (any
-                dtype), or ``None`` (then the epoch's :attr:`labels` are ``None``).
+                dtype), or ``None`` (then the epoch's :attr:`labels` are ``None``); with ``select``,
+                those of the selected samples.
+            select: ``(s,)`` positions in the batch of the samples to keep (a spread subset of the
+                epoch), or ``None`` for all.
 
         Returns:
             The number of samples kept from this batch: 0 once ``max_samples`` are kept, or when the
@@ -172,6 +175,8 @@ class FeatureCapture:
                 shape per sample differs from that of earlier batches.
         """
         t, self._latest = self._latest, None
+        if t is not None and select is not None:
+            t = t[select.to(t.device)]
         if labels is not None and not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
         room = self.max_samples - self._count

@@ -31,8 +31,11 @@ __all__ = [
     "IMAGE_KEYS",
     "LABEL_KEYS",
     "Probe",
+    "as_labels",
     "build_probe",
     "dataloader_indices",
+    "isolated_random_state",
+    "loader_samplers",
     "select_indices",
     "split_batch",
 ]
@@ -159,8 +162,9 @@ def _is_class_label(value: Any) -> bool:
     return value.ndim == 2 and _zero_one(value)
 
 
-def _as_labels(labels: Any, device: torch.device) -> Tensor:
-    """Labels as the probe keeps them: ``(N,)`` long class indices, or ``(N, K)`` long 0/1 multi-hot."""
+def as_labels(labels: Any, device: torch.device | str | None = None) -> Tensor:
+    """Labels as the probe keeps them (what :func:`split_batch` found): ``(N,)`` long class indices, or
+    ``(N, K)`` long 0/1 multi-hot labels."""
     value = torch.as_tensor(labels)
     if value.ndim == 2 and value.shape[1] >= 2:
         return value.long().to(device)
@@ -224,7 +228,7 @@ def _dataset_targets(dataset: Dataset) -> Sequence[int | tuple[int, ...]] | None
 
 
 @contextmanager
-def _isolated_random_state(*owners: Any) -> Iterator[None]:
+def isolated_random_state(*owners: Any) -> Iterator[None]:
     """Run the body with the CPU generator seeded with :data:`SEED`; afterwards the global random
     state of torch (CPU), Python and NumPy, and that of every ``generator`` the owners carry, are
     exactly as before."""
@@ -259,7 +263,7 @@ def _index_passes(batch_sampler: Any) -> list[Any]:
     return passes
 
 
-def _samplers(dataloader: DataLoader) -> list[Any]:
+def loader_samplers(dataloader: DataLoader) -> list[Any]:
     """The dataloader and every sampler inside it (whose generators must be left as found)."""
     found: list[Any] = [dataloader, dataloader.sampler, dataloader.batch_sampler]
     inner = getattr(dataloader.batch_sampler, "sampler", None)
@@ -289,7 +293,7 @@ def dataloader_indices(dataloader: DataLoader, max_batches: float | None = None)
         return None
     limit = None if max_batches is None or math.isinf(max_batches) else int(max_batches)
     seen: set[int] = set()
-    with _isolated_random_state(*_samplers(dataloader)):
+    with isolated_random_state(*loader_samplers(dataloader)):
         for batch_sampler in _index_passes(dataloader.batch_sampler):
             taken = 0
             for batch in itertools.islice(batch_sampler, limit):
@@ -446,7 +450,7 @@ def build_probe(
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(f"probe images must be a floating (N, C, H, W) tensor, got {shape}; check image_key")
     if labels is not None:
-        labels = _as_labels(labels, images.device)
+        labels = as_labels(labels, images.device)
     return Probe(images, labels, found, _dataset_classes(dataset))
 
 
@@ -462,7 +466,7 @@ def _stream(
     limit = None if max_batches is None or math.isinf(max_batches) else int(max_batches)
     taken_images: list[Tensor] = []
     taken_labels: list[Any] = []
-    with _isolated_random_state(*_samplers(dataloader)):
+    with isolated_random_state(*loader_samplers(dataloader)):
         for batch in itertools.islice(iter(dataloader), limit):
             images, labels = split_batch(process(batch), image_key, label_key)
             if not isinstance(images, Tensor):
@@ -479,5 +483,5 @@ def _stream(
     images = torch.cat(taken_images)[:num_images]
     if any(t is None for t in taken_labels):
         return images, None
-    labels = torch.cat([_as_labels(t, images.device) for t in taken_labels])
+    labels = torch.cat([as_labels(t, images.device) for t in taken_labels])
     return images, labels[:num_images]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -64,7 +65,8 @@ def make_module_class(pl):
             super().__init__()
             self.save_hyperparameters()
             self.model = tiny_cnn(num_classes=2)
-            self.hook_counts: list[int] = []
+            self.hook_counts: list[int] = []  # hooks and wrappers on the model in each training step
+            self.val_hook_counts: list[int] = []  # and in each validation step
             self.flags_ok: list[bool] = []
             self.eval_inference_modes: list[bool] = []  # of every forward in eval mode
 
@@ -84,7 +86,7 @@ def make_module_class(pl):
 
         def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
             x, y = self._split(batch)
-            self.hook_counts.append(hook_count(self))
+            self.val_hook_counts.append(hook_count(self))
             self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
 
         def configure_optimizers(self):
@@ -224,3 +226,15 @@ def served_image(base: str, entry: dict) -> np.ndarray:
     """One image as the dashboard shows it, RGB."""
     data = http_get(f"{base}/data/plugin/images/individualImage?{entry['query']}")
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def finished_records(run_dir: Path) -> list:
+    """The records of an offline W&B run once its transaction log ends with the exit record: W&B's
+    service may still be writing it when ``wandb.finish()`` returns (seen on a process's first run)."""
+    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
+    deadline = time.monotonic() + 30
+    while True:
+        records = wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import pickle
@@ -40,50 +41,62 @@ def val_steps(acc: EventAccumulator) -> list[int]:
 def test_fit_logs_maps_every_epoch_and_the_last_equals_prism(tmp_path):
     torch.manual_seed(0)
     module, (train, val) = TinyClassifier(), loaders()
+    pretrained = copy.deepcopy(module)
     monitor = PRISMMonitor(num_images=6, class_names=["vertical", "horizontal"])
     t = trainer(tmp_path, [monitor], max_epochs=3)
     t.fit(module, train, val)
 
     acc = events(t.logger.log_dir)
-    # Lightning logs end-of-epoch validation metrics before the epoch's last step is counted.
+    # Lightning logs end-of-epoch validation metrics before the epoch's last step is counted; the
+    # model as loaded ("before") is logged at step 0, before the first optimiser step.
     steps = [STEPS_PER_EPOCH * k - 1 for k in (1, 2, 3)]
     assert val_steps(acc) == steps
     for tag in ("prism/maps", "prism/overlay"):
-        assert [e.step for e in acc.Images(tag)] == steps
-    assert [e.step for e in acc.Images("prism/inputs")] == steps[:1]
+        assert [e.step for e in acc.Images(tag)] == [0, *steps]
+    assert [e.step for e in acc.Images("prism/inputs")] == [0]
     for i in (1, 2, 3):
-        assert [e.step for e in acc.Scalars(f"prism/explained_variance/pc{i}")] == steps
-    assert [e.step for e in acc.Scalars("prism/similarity/previous")] == steps[1:]
+        assert [e.step for e in acc.Scalars(f"prism/explained_variance/pc{i}")] == [0, *steps]
+    assert [e.step for e in acc.Scalars("prism/similarity/previous")] == steps
+    assert [e.step for e in acc.Scalars("prism/similarity/first")] == steps  # the first: "before"
     separation = [e.value for e in acc.Scalars("prism/class_separation")]
-    assert len(separation) == 3 and all(0 <= s <= 1 for s in separation)
+    assert len(separation) == 4 and all(0 <= s <= 1 for s in separation)
+    assert monitor._evolution.labels == ["before", "epoch 0", "epoch 1", "epoch 2"]
 
     # Probe: 6 images, spread over both classes, from the validation dataset.
     val_set = val.dataset
     indices = monitor.state_dict()["probe_indices"]
     assert len(indices) == 6 and sorted({int(val_set.targets[i]) for i in indices}) == [0, 1]
 
-    # The last logged map equals prism() on the probe with the final weights, to uint8 rounding.
+    # The first logged map is prism() of the model as loaded, the last of the final weights (aligned
+    # with the saved basis), to uint8 rounding.
     images = torch.stack([val_set[i][0] for i in indices])
     labels = [int(val_set.targets[i]) for i in indices]
-    reference = torch.tensor(monitor.state_dict()["reference"])
-    expected = prism(module, images, basis="aligned", reference=reference)
-    predictions = expected.output.argmax(1).tolist()
     names = ["vertical", "horizontal"]
-    captions = [f"{names[y]} → {names[p]}" for y, p in zip(labels, predictions, strict=True)]
-    grid = caption_grid(expected.maps, captions, [y != p for y, p in zip(labels, predictions, strict=True)])
-    logged = decode(acc.Images("prism/maps")[-1])
-    assert logged.shape == grid.shape
-    assert np.abs(logged.astype(int) - grid.astype(int)).max() <= 1
+    reference = torch.tensor(monitor.state_dict()["reference"])
+    for logged, expected in (
+        (acc.Images("prism/maps")[0], prism(pretrained, images)),
+        (acc.Images("prism/maps")[-1], prism(module, images, basis="aligned", reference=reference)),
+    ):
+        predictions = expected.output.argmax(1).tolist()
+        captions = [f"{names[y]} → {names[p]}" for y, p in zip(labels, predictions, strict=True)]
+        marks = [y != p for y, p in zip(labels, predictions, strict=True)]
+        grid = caption_grid(expected.maps, captions, marks)
+        assert decode(logged).shape == grid.shape
+        assert np.abs(decode(logged).astype(int) - grid.astype(int)).max() <= 1
+    first = torch.tensor(monitor.state_dict()["first"], dtype=torch.float32)
+    torch.testing.assert_close(first, prism(pretrained, images).components)
 
-    # No hook of ours during training or validation steps, and train flags intact in training.
+    # No hook of ours during training steps; during validation steps the validation set's capture
+    # (PRISM's final layer, and the model's output), not in the sanity check; train flags intact.
     assert module.hook_counts and max(module.hook_counts) == 0
+    sanity = 1  # num_sanity_val_steps
+    assert module.val_hook_counts[:sanity] == [0] and set(module.val_hook_counts[sanity:]) == {2}
     assert all(module.flags_ok)
-    # The evolution strip, in the logger's directory: a row of inputs plus one per logged epoch,
-    # one column per probe image after the labels.
+    # The evolution strip, in the logger's directory: a row of inputs, "before", then one per logged
+    # epoch, one column per probe image after the labels.
     assert monitor.evolution_paths == [f"{t.logger.log_dir}/prism_evolution.png"]
     width, height = Image.open(monitor.evolution_path).size
-    assert height == 4 * 98 + 2 and 6 * 98 + 2 < width < 6 * 98 + 2 + 120
-    assert monitor._evolution.labels == ["epoch 0", "epoch 1", "epoch 2"]
+    assert height == 5 * 98 + 2 and 6 * 98 + 2 < width < 6 * 98 + 2 + 120
 
 
 def test_every_n_epochs_and_dict_batches(tmp_path):
@@ -92,8 +105,8 @@ def test_every_n_epochs_and_dict_batches(tmp_path):
     t = trainer(tmp_path, [PRISMMonitor(num_images=4, every_n_epochs=2, prefix="dict")], max_epochs=4)
     t.fit(TinyClassifier(), train, val)
     acc = events(t.logger.log_dir)
-    assert [e.step for e in acc.Images("dict/maps")] == [2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
-    assert [e.step for e in acc.Images("dict/maps")] == val_steps(acc)[1::2]
+    assert [e.step for e in acc.Images("dict/maps")] == [0, 2 * STEPS_PER_EPOCH - 1, 4 * STEPS_PER_EPOCH - 1]
+    assert [e.step for e in acc.Images("dict/maps")] == [0, *val_steps(acc)[1::2]]
 
 
 def test_probe_from_the_chosen_validation_loader(tmp_path):
@@ -147,8 +160,8 @@ def test_mixed_precision_training(tmp_path):
     t = trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-mixed")
     t.fit(TinyClassifier(), train, val)
     acc = events(t.logger.log_dir)
-    assert [e.step for e in acc.Images("prism/maps")] == val_steps(acc) == [STEPS_PER_EPOCH - 1]
-    shares = [acc.Scalars(f"prism/explained_variance/pc{i}")[0].value for i in (1, 2, 3)]
+    assert [e.step for e in acc.Images("prism/maps")] == [0, *val_steps(acc)] == [0, STEPS_PER_EPOCH - 1]
+    shares = [acc.Scalars(f"prism/explained_variance/pc{i}")[-1].value for i in (1, 2, 3)]
     assert (
         all(0 < v < 1 for v in shares) and sum(shares) <= 1 + 1e-6 and shares == sorted(shares, reverse=True)
     )
@@ -168,12 +181,13 @@ def test_forward_runs_in_the_grad_mode_lightning_chose_for_the_loop(tmp_path, in
     t = trainer(tmp_path, [PRISMMonitor(num_images=4)], max_epochs=1, inference_mode=inference_mode)
     t.fit(module, train, val)
     # During fit, validation runs under no_grad (inference tensors could reach training): so does
-    # the monitor. Sanity check (1 batch), validation (2) and the monitor's forward (1).
-    assert module.eval_inference_modes == [False] * 4
+    # the monitor. Sanity check (1 batch), the model before training (the probe 1, the validation set
+    # 2), validation (2) and the monitor's forward (1).
+    assert module.eval_inference_modes == [False] * 7
     module.eval_inference_modes.clear()
     t.validate(module, val, verbose=False)
     assert module.eval_inference_modes == [inference_mode] * 3
-    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 3
 
 
 def test_logger_false_is_a_setup_error(tmp_path):
@@ -200,7 +214,8 @@ def test_runtime_failure_warns_once_and_training_goes_on(tmp_path):
     # 'model.9' is the Flatten: a 2-D output, so PRISM fails at run time, every epoch.
     t = trainer(tmp_path, [PRISMMonitor(final_layer="model.9")], max_epochs=3)
     with pytest.warns(
-        UserWarning, match=r"PRISMMonitor skipped epoch 0: ValueError: final_layer 'model.9'"
+        UserWarning,
+        match=r"PRISMMonitor skipped the row of the model before training: ValueError: final_layer 'model.9'",
     ) as caught:
         t.fit(module, train, val)
     assert sum("PRISMMonitor skipped" in str(w.message) for w in caught) == 1
@@ -212,7 +227,7 @@ def test_runtime_failure_warns_once_and_training_goes_on(tmp_path):
 
 def test_logger_without_images_gets_one_warning_the_scalars_and_the_strip(tmp_path):
     train, val = loaders()
-    monitor = PRISMMonitor(num_images=4)
+    monitor = PRISMMonitor(num_images=4, knn_k=5)  # 16 validation samples: k=20 would say too few
     t = trainer(tmp_path, [monitor], max_epochs=2, logger=CSVLogger(str(tmp_path)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -220,13 +235,17 @@ def test_logger_without_images_gets_one_warning_the_scalars_and_the_strip(tmp_pa
     messages = [str(w.message) for w in caught if "PRISMMonitor" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith("PRISMMonitor cannot log images to CSVLogger")
     assert "TensorBoardLogger, WandbLogger, MLFlowLogger" in messages[0]
-    # The scalars share the row (and so the step) of the epoch's validation loss in metrics.csv.
+    # The scalars share the row (and so the step) of the epoch's validation loss in metrics.csv; the
+    # model before training has a row of its own at step 0.
     with open(os.path.join(t.logger.log_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2
-    for row, step in zip(rows, (STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1), strict=True):
+    assert len(rows) == 3
+    before, *epochs = rows
+    assert int(before["step"]) == 0 and before["prism/val/knn_accuracy"] and not before["val_loss"]
+    for row, step in zip(epochs, (STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1), strict=True):
         assert int(row["step"]) == step and row["val_loss"] and row["prism/explained_variance/pc1"]
-    assert rows[1]["prism/similarity/previous"] and not rows[0]["prism/similarity/previous"]
+        assert row["prism/val/knn_accuracy"] and row["prism/val/effective_rank"]
+    assert all(row["prism/similarity/previous"] for row in epochs) and not before["prism/similarity/previous"]
     assert monitor.evolution_paths == [os.path.join(t.logger.log_dir, "prism_evolution.png")]
 
 
@@ -239,7 +258,7 @@ def test_scalars_are_callback_metrics_and_drive_checkpointing_and_early_stopping
     t = trainer(tmp_path, [PRISMMonitor(num_images=6), checkpoint], max_epochs=4, enable_checkpointing=True)
     t.fit(TinyClassifier(lr=0.2), train, val)
     acc = events(t.logger.log_dir)
-    separation = [e.value for e in acc.Scalars("prism/class_separation")]
+    before, *separation = [e.value for e in acc.Scalars("prism/class_separation")]  # step 0: before training
     assert len(separation) == 4 and len(set(separation)) > 1
     assert float(checkpoint.best_model_score) == pytest.approx(max(separation))
     best_epoch = separation.index(max(separation))
@@ -281,8 +300,8 @@ def test_scalars_and_pictures_keep_the_validation_step_when_global_step_differs(
     acc = events(t.logger.log_dir)
     steps = val_steps(acc)
     assert steps == [STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1]
-    assert [e.step for e in acc.Images("prism/maps")] == steps
-    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == steps
+    assert [e.step for e in acc.Images("prism/maps")] == [0, *steps]
+    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == [0, *steps]
 
 
 def test_two_validations_per_epoch_log_twice_at_their_own_steps(tmp_path):
@@ -292,11 +311,11 @@ def test_two_validations_per_epoch_log_twice_at_their_own_steps(tmp_path):
     t.fit(TinyClassifier(), train, val)
     acc = events(t.logger.log_dir)
     assert val_steps(acc) == [3, 7, 11, 15]
-    assert [e.step for e in acc.Images("prism/maps")] == val_steps(acc)
+    assert [e.step for e in acc.Images("prism/maps")] == [0, *val_steps(acc)]
     pc1 = [e.value for e in acc.Scalars("prism/explained_variance/pc1")]
-    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == val_steps(acc)
-    assert len(set(pc1)) == 4  # each validation's own value, not an average over the epoch
-    assert monitor._evolution.labels == ["epoch 0", "epoch 0", "epoch 1", "epoch 1"]
+    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == [0, *val_steps(acc)]
+    assert len(set(pc1)) == 5  # each validation's own value, not an average over the epoch
+    assert monitor._evolution.labels == ["before", "epoch 0", "epoch 0", "epoch 1", "epoch 1"]
 
 
 def test_the_strip_covers_the_whole_run_after_a_resume(tmp_path):
@@ -313,16 +332,18 @@ def test_the_strip_covers_the_whole_run_after_a_resume(tmp_path):
     trainer(tmp_path, [resumed], max_epochs=5, logger=after).fit(
         TinyClassifier(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
-    assert resumed._evolution.labels == [f"epoch {e}" for e in range(5)]
-    assert Image.open(resumed.evolution_path).size[1] == 6 * 98 + 2
+    # The row of the model before training comes from the first run: the resumed run logs none.
+    assert resumed._evolution.labels == ["before", *(f"epoch {e}" for e in range(5))]
+    assert 0 not in [e.step for e in events(after.log_dir).Images("prism/maps")]
+    assert Image.open(resumed.evolution_path).size[1] == 7 * 98 + 2
     # The rows from before the resume are the ones the first run drew.
     before_strip = np.asarray(Image.open(first.evolution_path))
     after_strip = np.asarray(Image.open(resumed.evolution_path))
-    np.testing.assert_array_equal(after_strip[: 4 * 98 + 2], before_strip)
+    np.testing.assert_array_equal(after_strip[: 5 * 98 + 2], before_strip)
     # A fit without a checkpoint starts a new strip.
     fresh = TensorBoardLogger(str(tmp_path), name="fresh", version=0)
     trainer(tmp_path, [resumed], max_epochs=1, logger=fresh).fit(TinyClassifier(), train, val)
-    assert resumed._evolution.labels == ["epoch 0"]
+    assert resumed._evolution.labels == ["before", "epoch 0"]
 
 
 def test_a_long_run_has_a_bounded_strip_and_a_small_checkpoint(tmp_path):
@@ -331,7 +352,7 @@ def test_a_long_run_has_a_bounded_strip_and_a_small_checkpoint(tmp_path):
     monitor = PRISMMonitor(num_images=4, evolution_rows=3)
     t = trainer(tmp_path, [monitor, checkpoint], max_epochs=7, enable_checkpointing=True)
     t.fit(TinyClassifier(), train, val)
-    assert monitor._evolution.labels == ["epoch 0", "epoch 4", "epoch 6"]
+    assert monitor._evolution.labels == ["before", "epoch 3", "epoch 6"]
     assert Image.open(monitor.evolution_path).size[1] == 4 * 98 + 2
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][monitor.state_key]
     assert len(saved["evolution"]["rows"]) == 3
@@ -431,7 +452,7 @@ def test_works_with_the_lightning_package_trainer(tmp_path):
     t = trainer(tmp_path, [monitor], max_epochs=2, logger=logger, trainer_cls=lightning.Trainer)
     t.fit(module_cls(), train, val)
     acc = events(logger.log_dir)
-    assert [e.step for e in acc.Images("prism/maps")] == val_steps(acc) == [3, 7]
+    assert [e.step for e in acc.Images("prism/maps")] == [0, *val_steps(acc)] == [0, 3, 7]
     assert "prism/explained_variance/pc1" in t.callback_metrics
     assert monitor.evolution_path is not None
 
@@ -477,13 +498,13 @@ def test_log_image_loggers_get_the_same_pictures_as_tensorboard(tmp_path):
     t = trainer(tmp_path, [PRISMMonitor(num_images=4)], max_epochs=2, logger=[tb, listing])
     t.fit(TinyClassifier(), train, val)
 
-    steps = [STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1]
+    steps = [0, STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1]  # before training, then every epoch
     assert [(key, step) for key, step, _ in listing.images] == [
-        ("prism/maps", steps[0]),
-        ("prism/overlay", steps[0]),
-        ("prism/inputs", steps[0]),
-        ("prism/maps", steps[1]),
-        ("prism/overlay", steps[1]),
+        ("prism/maps", 0),
+        ("prism/overlay", 0),
+        ("prism/inputs", 0),
+        ("prism/embedding", 0),
+        *((key, step) for step in steps[1:] for key in ("prism/maps", "prism/overlay", "prism/embedding")),
     ]
     acc = events(tb.log_dir)
     for key, step, images in listing.images:
@@ -527,7 +548,7 @@ def test_scalars_keep_their_names_with_two_validation_loaders_and_in_validate(tm
     assert results["prism/explained_variance/pc1"] == pytest.approx(
         float(t.callback_metrics["prism/explained_variance/pc1"])
     )
-    assert monitor._evolution.labels == ["epoch 0"]
+    assert monitor._evolution.labels == ["before", "epoch 0"]
 
 
 def test_captions_in_another_script_warn_once_and_take_a_font(tmp_path):
@@ -567,5 +588,5 @@ def test_every_n_epochs_scalars_drive_a_checkpoint_on_the_same_schedule(tmp_path
         enable_checkpointing=True,
     )
     t.fit(TinyClassifier(), train, val)
-    separation = [e.value for e in events(t.logger.log_dir).Scalars("prism/class_separation")]
+    before, *separation = [e.value for e in events(t.logger.log_dir).Scalars("prism/class_separation")]
     assert len(separation) == 2 and float(checkpoint.best_model_score) == pytest.approx(max(separation))

@@ -31,10 +31,16 @@ class Wide(TinyClassifier):
 
 
 def caught_warnings(run) -> list[str]:
+    """The monitor's warnings, but for the note of its validation-set metrics (with 16 validation
+    samples, too few for the k-NN's k=20: tested in test_callback_validation.py)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run()
-    return [str(w.message) for w in caught if "PRISMMonitor" in str(w.message)]
+    return [
+        str(w.message)
+        for w in caught
+        if "PRISMMonitor" in str(w.message) and "validation-set metrics" not in str(w.message)
+    ]
 
 
 def test_a_monitor_reused_for_another_fit_starts_afresh(tmp_path):
@@ -53,13 +59,13 @@ def test_a_monitor_reused_for_another_fit_starts_afresh(tmp_path):
     indices = monitor.state_dict()["probe_indices"]
     assert torch.equal(monitor._probe.images, other_val.dataset.images[indices])
     acc = events(second.logger.log_dir)
-    assert len(acc.Images("prism/maps")) == 3 and len(acc.Images("prism/inputs")) == 1
+    assert len(acc.Images("prism/maps")) == 4 and len(acc.Images("prism/inputs")) == 1
     assert len(monitor.state_dict()["first"]) == 64
     steps = [e.step for e in acc.Scalars("val_loss")]
-    assert [e.step for e in acc.Scalars("prism/similarity/first")] == steps[1:]  # first: fold 2's own
+    assert [e.step for e in acc.Scalars("prism/similarity/first")] == steps  # first: fold 2's "before"
     strip = Image.open(monitor.evolution_path)
     assert monitor.evolution_path.startswith(str(tmp_path / "fold2"))
-    assert strip.size[1] == (1 + 3) * 98 + 2  # inputs + fold 2's three epochs only
+    assert strip.size[1] == (1 + 4) * 98 + 2  # inputs + fold 2's model before training and three epochs
 
 
 def test_each_fit_of_a_reused_monitor_warns_afresh(tmp_path):
@@ -67,7 +73,9 @@ def test_each_fit_of_a_reused_monitor_warns_afresh(tmp_path):
     for fold in ("1", "2"):
         t = trainer(tmp_path / fold, [monitor], max_epochs=2)
         (message,) = caught_warnings(lambda t=t: t.fit(TinyClassifier(), train, val))
-        assert message.startswith("PRISMMonitor skipped epoch 0: ValueError: final_layer 'model.9'")
+        assert message.startswith(
+            "PRISMMonitor skipped the row of the model before training: ValueError: final_layer 'model.9'"
+        )
 
 
 def test_a_restored_basis_that_does_not_fit_is_replaced_with_one_warning(tmp_path):
@@ -105,7 +113,7 @@ def test_validate_with_another_model_after_fit_gets_a_fresh_basis(tmp_path):
     t.fit(TinyClassifier(), train, val)
     messages = caught_warnings(lambda: t.validate(Wide(), val, verbose=False))
     assert len(messages) == 1 and "a fresh basis starts now" in messages[0]
-    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 3  # before, epoch 0, validate()
 
 
 def resume(tmp_path, first: PRISMMonitor, second: PRISMMonitor, val=None):
@@ -172,12 +180,20 @@ def test_logger_false_is_an_error_only_where_the_monitor_logs(tmp_path):
             run()
 
 
-@pytest.mark.parametrize("options", [{"limit_val_batches": 0}, {"check_val_every_n_epoch": 3}])
-def test_a_fit_without_validation_epochs_says_that_no_maps_were_logged(tmp_path, options):
+@pytest.mark.parametrize(
+    ("options", "before"),
+    [
+        ({"limit_val_batches": 0}, ""),  # no validation at all: no probe, not even before training
+        ({"check_val_every_n_epoch": 3}, " (only those of the model before training)"),
+    ],
+)
+def test_a_fit_without_validation_epochs_says_that_no_maps_were_logged(tmp_path, options, before):
     train, val = loaders()
     t = trainer(tmp_path, [PRISMMonitor()], max_epochs=2, **options)
     (message,) = caught_warnings(lambda: t.fit(TinyClassifier(), train, val))
-    assert message.startswith("PRISMMonitor logged no maps in this fit: no validation epoch ended")
+    assert message.startswith(
+        f"PRISMMonitor logged no maps of a training epoch in this fit{before}: no validation epoch ended"
+    )
 
 
 @pytest.mark.parametrize("views", [["prism"], ["prism", "grad_cam", "saliency"]])
@@ -209,8 +225,8 @@ def test_a_nan_probe_image_is_named_and_the_others_keep_their_maps(tmp_path):
         "are shown as invalid tiles and left out of the PCA, the other images get their maps."
     ]
     acc = events(t.logger.log_dir)
-    assert [e.step for e in acc.Images("prism/maps")] == [e.step for e in acc.Scalars("val_loss")]
-    assert len(acc.Scalars("prism/explained_variance/pc1")) == 2
+    assert [e.step for e in acc.Images("prism/maps")] == [0, *(e.step for e in acc.Scalars("val_loss"))]
+    assert len(acc.Scalars("prism/explained_variance/pc1")) == 3
     # The last logged grid: prism() of the two finite images, the bad ones as invalid tiles.
     valid = torch.tensor([True, False, False, True])
     reference = torch.tensor(monitor.state_dict()["reference"])

@@ -87,13 +87,20 @@ def test_the_probe_goes_through_every_batch_hook(tmp_path):
     expected = (dataset.images[indices] - 0.5) / 0.25
     assert torch.equal(monitor._probe.images, expected)
     assert monitor._probe.labels.tolist() == dataset.targets[indices].tolist()
-    # One probe forward per epoch, on exactly the images validation_step received.
-    assert len(module.probe_inputs) == 2
-    for received in module.probe_inputs:
+    # The monitor's forwards: the probe before training, the validation set before training (three
+    # batches), then the probe once per epoch; each on exactly what validation_step receives.
+    assert len(module.probe_inputs) == 1 + 3 + 2
+    for received in [module.probe_inputs[0], *module.probe_inputs[4:]]:
         assert torch.equal(received, expected)
         assert all(module.received_in_validation(image) for image in received)
-    # Sanity check (1) + 2 epochs × 3 validation batches, and the probe's one transfer.
-    assert module.transfers.count(False) == 1 + 2 * 3 + 1
+    for batch in module.probe_inputs[1:4]:
+        assert all(module.received_in_validation(image) for image in batch)
+    assert sum(len(batch) for batch in module.probe_inputs[1:4]) == len(dataset)
+    # Outside training: the sanity check (1 batch) and 2 epochs × 3 validation batches. In training:
+    # 2 epochs × 2 batches, and the monitor's transfers before the first step: the probe's one and the
+    # validation set's three.
+    assert module.transfers.count(False) == 1 + 2 * 3
+    assert module.transfers.count(True) == 2 * 2 + 1 + 3
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
@@ -104,7 +111,7 @@ def test_the_probe_has_the_precision_of_validation_batches(tmp_path, precision, 
     t.fit(module, train, val)
     assert module.probe_inputs[0].dtype == dtype == module.step_inputs[0].dtype
     assert all(module.received_in_validation(image) for image in module.probe_inputs[0])
-    assert len(events(t.logger.log_dir).Images("prism/maps")) == 1
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2  # before training, epoch 0
 
 
 def test_a_sampler_over_a_shared_dataset_gives_only_validation_samples(tmp_path):
@@ -147,7 +154,7 @@ def test_every_form_of_validation_dataloaders(tmp_path, container, which):
     t = trainer(tmp_path, [monitor], max_epochs=1)
     t.fit(TinyClassifier(), train, dataloaders)
     assert torch.equal(monitor._probe.images, second.dataset.images[[1, 4, 9]])
-    assert len(events(t.logger.log_dir).Images("prism/maps")) == 1
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2  # before training, epoch 0
 
 
 def test_a_key_that_names_no_dataloader_is_one_clear_warning(tmp_path):
@@ -182,7 +189,7 @@ def test_iterable_datasets_with_or_without_a_length(tmp_path, dataset_cls):
     t.fit(module, train, DataLoader(dataset, batch_size=2))
     assert torch.equal(monitor._probe.images, dataset.data.images[:5])
     assert monitor._probe.labels.tolist() == dataset.data.targets[:5].tolist()
-    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 3
 
 
 def test_the_monitor_leaves_training_exactly_as_without_it(tmp_path):
@@ -229,7 +236,7 @@ def test_module_names_the_submodule_that_takes_the_images(tmp_path):
     monitor = PRISMMonitor(num_images=4, module="model", final_layer="model.7", strict=True)
     t = trainer(tmp_path, [monitor], max_epochs=2)
     t.fit(DictForward(), train, val)
-    assert len(events(t.logger.log_dir).Images("prism/maps")) == 2
+    assert len(events(t.logger.log_dir).Images("prism/maps")) == 3
     assert monitor.state_dict()["first"] is not None and len(monitor.state_dict()["first"]) == 32
 
 

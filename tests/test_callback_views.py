@@ -37,7 +37,7 @@ def test_every_view_is_logged_every_epoch_at_the_validation_step(tmp_path):
     steps = [e.step for e in acc.Scalars("val_loss")]
     assert len(steps) == 2
     for view in ["maps", "overlay", "grad_cam", "saliency", "guided_saliency", "views"]:
-        assert [e.step for e in acc.Images(f"prism/{view}")] == steps, view
+        assert [e.step for e in acc.Images(f"prism/{view}")] == [0, *steps], view  # 0: before training
 
     # The last epoch's pictures are those of the fitted model on the probe, computed here independently
     # of the monitor's code path (grad_cam() and saliency() on the probe, with the labels as targets).
@@ -84,7 +84,11 @@ def test_the_grad_cam_view_explains_the_predicted_class_by_default(tmp_path):
     acc = events(fitted.logger.log_dir)
     tags = acc.Tags()["images"]
     assert "prism/grad_cam" in tags and "prism/maps" not in tags and "prism/views" not in tags
-    assert not any(t.startswith("prism/") for t in acc.Tags()["scalars"])  # PRISM's numbers need PRISM
+    # PRISM's numbers need PRISM; the validation set's need only its final layer
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("prism/")} == {
+        "prism/val/class_separation",
+        "prism/val/effective_rank",
+    }
     probe = monitor._probe
     maps = grad_cam(module, probe.images).maps  # targets: the model's predictions
     with torch.no_grad():
@@ -115,9 +119,9 @@ def test_from_the_second_epoch_grad_cams_forward_records_nothing_before_its_last
     monitor = PRISMMonitor(num_images=4, views=views, strict=True, evolution_strip=False)
     trainer(tmp_path, [monitor], max_epochs=3).fit(TinyClassifier(), train, val)
     cut = monitor._probe_views.cut_from[forward]
-    assert cut > 0 and told == [0, cut, cut]
+    assert cut > 0 and told == [0, cut, cut, cut]  # before training, then three epochs
     trainer(tmp_path / "again", [monitor], max_epochs=1).fit(TinyClassifier(), train, val)
-    assert told[3] == 0  # a new fit: nothing carried over
+    assert told[4] == 0  # a new fit: nothing carried over
 
 
 class Recorder(pl.Callback):
@@ -193,7 +197,7 @@ def test_views_in_validate_under_bf16_and_with_a_frozen_backbone(tmp_path, case,
     module = FrozenBackbone() if case == "frozen" else TinyClassifier()
     requires_grad = [p.requires_grad for p in module.parameters()]
     recorder = Recorder()
-    monitor = PRISMMonitor(num_images=4, views=ALL_VIEWS, strict=True)
+    monitor = PRISMMonitor(num_images=4, views=ALL_VIEWS, strict=True, knn_k=5)  # 16 validation samples
     run = trainer(tmp_path, [monitor, recorder], max_epochs=1, precision=precision, num_sanity_val_steps=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*PRISM.*")
@@ -203,8 +207,8 @@ def test_views_in_validate_under_bf16_and_with_a_frozen_backbone(tmp_path, case,
             run.fit(module, train, val)
     acc = events(run.logger.log_dir)
     for view in ["maps", "grad_cam", "saliency", "guided_saliency", "views"]:
-        assert len(acc.Images(f"prism/{view}")) == 1, view
-        assert decode(acc.Images(f"prism/{view}")[0]).std() > 10  # a picture, not a blank grid
+        assert len(acc.Images(f"prism/{view}")) == (1 if case == "validate" else 2), view  # and before fit
+        assert decode(acc.Images(f"prism/{view}")[-1]).std() > 10  # a picture, not a blank grid
     assert [p.requires_grad for p in module.parameters()] == requires_grad
     assert recorder.before == [[None] * len(requires_grad)] or case != "validate"
     assert all(
@@ -234,7 +238,7 @@ def test_target_label_without_labels_warns_once_and_explains_predictions(tmp_pat
     with pytest.warns(UserWarning, match=r"target='label'\): the probe has no labels") as caught:
         run.fit(NoLabels(), train, DataLoader(Unlabelled(), batch_size=4))
     assert sum("target='label'" in str(w.message) for w in caught) == 1
-    assert len(events(run.logger.log_dir).Images("prism/grad_cam")) == 2
+    assert len(events(run.logger.log_dir).Images("prism/grad_cam")) == 3
 
 
 @pytest.mark.parametrize("view", ["saliency", "grad_cam"])
@@ -257,7 +261,7 @@ def test_a_view_that_fails_is_one_warning_and_the_others_go_on(tmp_path, view):
         run.fit(NoScores(), train, val)
     assert sum(f"'{view}' view" in str(w.message) for w in caught) == 1
     acc = events(run.logger.log_dir)
-    assert len(acc.Images("prism/maps")) == 2 and f"prism/{view}" not in acc.Tags()["images"]
+    assert len(acc.Images("prism/maps")) == 3 and f"prism/{view}" not in acc.Tags()["images"]
 
 
 def test_scores_read_out_beside_the_final_map_name_grad_cam_layer(tmp_path):

@@ -6,7 +6,6 @@ sigmoids, multi-hot labels)."""
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from lit_helpers import (
     Stripes,
     decode,
     events,
+    finished_records,
     served_image,
     tensorboard_server,
     wait_for_images,
-    wandb_records,
 )
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
@@ -134,10 +133,9 @@ def test_a_single_logit_classifier_from_lightning_cli_gets_its_own_predictions_i
     ]
 
     # What W&B shows under each image, read from the offline run's own transaction log.
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     rows = [
         {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
-        for record in wandb_records(log)
+        for record in finished_records(run_dir)
         if record.WhichOneof("record_type") == "history"
     ]
     for tag in ("prism/maps", "prism/grad_cam"):
@@ -266,10 +264,9 @@ def test_a_multi_label_classifier_shows_label_sets_and_predicted_sets(tmp_path, 
     assert any(wrong) and not all(wrong)
 
     # W&B's caption text under each image.
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     rows = [
         {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
-        for record in wandb_records(log)
+        for record in finished_records(run_dir)
         if record.WhichOneof("record_type") == "history"
     ]
     last = [r for r in rows if "prism/maps/_type" in r][-1]

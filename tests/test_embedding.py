@@ -8,10 +8,6 @@ import glob
 import io
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -19,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lit_helpers import finished_records, http_get, tensorboard_server
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from test_loggers import offline, wandb_records  # noqa: F401 (a fixture)
-from test_tensorboard import free_port, get
 
 from lightning_prism.embedding import (
     MARK,
@@ -230,33 +225,27 @@ def test_tensorboard_projector_through_the_real_server(tmp_path):
         assert log_embedding(logger, "prism/embedding", step=step, max_points=40, **shifted)
     logger.experiment.flush()
 
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(tmp_path)]
-    command += ["--samples_per_plugin", "images=1000", "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path / "tensorboard.log"
-    with open(log, "wb") as output:
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/data/plugin/projector"
-    try:
+    with tensorboard_server(tmp_path, ["--samples_per_plugin", "images=1000"]) as server:
+        base = f"{server}/data/plugin/projector"
         runs: list[str] = []
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and "run/version_0" not in runs:
             try:
-                runs = json.loads(get(f"{base}/runs"))
+                runs = json.loads(http_get(f"{base}/runs"))
             except OSError:
                 time.sleep(0.5)
-        assert runs == ["run/version_0"], log.read_text()[-2000:]
+        assert runs == ["run/version_0"], (tmp_path / "tensorboard.log").read_text()[-2000:]
         query = urllib.parse.urlencode({"run": "run/version_0"})
-        info = json.loads(get(f"{base}/info?{query}"))
+        info = json.loads(http_get(f"{base}/info?{query}"))
         embeddings = {e["tensorName"]: e for e in info["embeddings"]}
         assert sorted(embeddings) == ["prism/embedding:00003", "prism/embedding:00004"]
         for step in (3, 4):
             name = f"prism/embedding:{step:05d}"
             assert embeddings[name]["tensorShape"] == [40, 6]
             args = urllib.parse.urlencode({"run": "run/version_0", "name": name})
-            served = np.frombuffer(get(f"{base}/tensor?{args}"), dtype=np.float32).reshape(40, 6)
+            served = np.frombuffer(http_get(f"{base}/tensor?{args}"), dtype=np.float32).reshape(40, 6)
             np.testing.assert_array_equal(served, (data["features"][index] + step).numpy())
-            lines = get(f"{base}/metadata?{args}").decode().splitlines()
+            lines = http_get(f"{base}/metadata?{args}").decode().splitlines()
             assert lines[0] == "class\tprediction"
             expected = [
                 f"{NAMES[y]}\t{NAMES[p]}"
@@ -265,20 +254,15 @@ def test_tensorboard_projector_through_the_real_server(tmp_path):
                 )
             ]
             assert lines[1:] == expected
-            sprite = np.asarray(Image.open(io.BytesIO(get(f"{base}/sprite_image?{args}"))).convert("RGB"))
+            sprite = np.asarray(
+                Image.open(io.BytesIO(http_get(f"{base}/sprite_image?{args}"))).convert("RGB")
+            )
             assert sprite.shape == (7 * 8, 7 * 8, 3)  # ⌈√40⌉ = 7 thumbnails a side
             for k in (0, 9, 39):  # thumbnail k at row k // 7, column k % 7
                 r, c = divmod(k, 7)
                 tile = sprite[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].astype(float) / 255
                 reference = data["thumbnails"][index[k]].permute(1, 2, 0).numpy()
                 assert np.abs(tile - reference).max() <= 1 / 255 + 1e-6
-    finally:
-        os.kill(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def test_tensorboard_metadata_with_one_column_has_no_header(tmp_path):
@@ -291,18 +275,6 @@ def test_tensorboard_metadata_with_one_column_has_no_header(tmp_path):
     log_embedding(logger, "big", data["features"][:9], 1, thumbnails=large)
     (sprite,) = glob.glob(str(tmp_path / "run/version_0/00001/big/sprite.png"))
     assert Image.open(sprite).size == (3 * 64, 3 * 64)
-
-
-def finished_records(run_dir: Path) -> list:
-    """The records of an offline W&B run once its transaction log ends with the exit record: W&B's
-    service may still be writing it when ``wandb.finish()`` returns (seen on a process's first run)."""
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
-    deadline = time.monotonic() + 30
-    while True:
-        records = wandb_records(log)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
 
 
 def read_wandb_table(records: list, key: str) -> tuple[dict, dict[str, bytes]]:
@@ -318,7 +290,7 @@ def read_wandb_table(records: list, key: str) -> tuple[dict, dict[str, bytes]]:
     return tables[0]
 
 
-def test_wandb_gets_a_table_for_its_projector(tmp_path, offline):  # noqa: F811
+def test_wandb_gets_a_table_for_its_projector(tmp_path, offline):
     wandb = pytest.importorskip("wandb")
     from pytorch_lightning.loggers import WandbLogger
 
@@ -377,7 +349,7 @@ def test_wandb_embedding_has_at_most_fifty_dimensions():
     torch.testing.assert_close(embedding, expected)
 
 
-def test_mlflow_gets_the_projectors_tsv_files(tmp_path, offline):  # noqa: F811
+def test_mlflow_gets_the_projectors_tsv_files(tmp_path, offline):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
     from pytorch_lightning.loggers import MLFlowLogger

@@ -6,7 +6,6 @@ a guard that fails the test if Python opens a connection to anything but the loo
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import re
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_helpers import loaders, make_module_class, wandb_records
+from lit_helpers import finished_records, loaders, make_module_class
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -164,9 +163,8 @@ def test_wandb_gets_captioned_pictures_every_epoch_and_the_strip(tmp_path, offli
     wandb.finish()
     acc = tensorboard_events(tb)
 
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     rows, files = [], []
-    for record in wandb_records(log):
+    for record in finished_records(run_dir):
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
