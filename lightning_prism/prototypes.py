@@ -64,11 +64,11 @@ __all__ = [
 ]
 
 #: Adam steps of :func:`class_prototypes` (see ``benchmarks/README.md`` for how they were chosen).
-DEFAULT_STEPS = 96
+DEFAULT_STEPS = 64
 #: Adam's learning rate on the spectrum (or pixel logit) parameters.
 DEFAULT_LR = 0.1
 #: Exponent of the ``1/f`` scaling of the spectrum (1: a natural image's amplitude falls as ``1/f``).
-DEFAULT_DECAY = 1.0
+DEFAULT_DECAY = 1.5
 #: The grey that transforms fill uncovered pixels with, in the ``[0, 1]`` image.
 GREY = 0.5
 #: Values of an ``init`` image are clamped to ``[EPS, 1 - EPS]`` before the sigmoid is inverted.
@@ -423,8 +423,8 @@ def render(
 ) -> Tensor:
     """Maximise ``objective`` of a parameterised image batch with Adam.
 
-    Every step draws one transform of the batch (``transforms`` in order, from ``generator``), scores
-    the transformed images and takes one Adam step (learning rate ``lr``) up the gradient of the sum
+    Every step draws one transform of the batch (``transforms`` in order, from ``generator``; the
+    image and its transforms computed in float32 with autocast off), scores the transformed images and takes one Adam step (learning rate ``lr``) up the gradient of the sum
     of their objectives with respect to ``image.parameters()`` only (``torch.autograd.grad``: nothing
     else gets a ``.grad``). Adam works element by element, so an image's path does not depend on
     the others in the batch when their objectives do not.
@@ -457,9 +457,12 @@ def render(
     if transforms and generator is None:
         raise ValueError("render needs a generator for random transforms")
     optimiser = torch.optim.Adam(parameters, lr=lr, maximize=True)
-    history = torch.zeros(steps)
-    for step in range(steps):
-        value = objective(transform(image(), generator))  # type: ignore[arg-type]
+    device_type = parameters[0].device.type
+    history = []
+    for _ in range(steps):
+        with torch.autocast(device_type, enabled=False):  # the image and its transforms in float32
+            x = transform(image(), generator)  # type: ignore[arg-type]
+        value = objective(x)
         total = value.sum()
         if not total.requires_grad:
             raise ValueError("the class scores do not depend on the input image through autograd")
@@ -467,10 +470,10 @@ def render(
         for parameter, gradient in zip(parameters, gradients, strict=True):
             parameter.grad = gradient
         optimiser.step()
-        history[step] = value.detach().mean().cpu()
+        history.append(value.detach().mean())
     for parameter in parameters:
         parameter.grad = None
-    return history
+    return torch.stack(history).to("cpu", torch.float32) if history else torch.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------- result
@@ -680,7 +683,8 @@ def class_prototypes(
     precision; the image and the scores in float32). The images live on the model's device. A model
     inside ``nn.DataParallel`` or ``DistributedDataParallel`` runs without the wrapper, so no
     collective runs. Randomness comes from one ``torch.Generator`` seeded with ``seed`` (the global
-    random state is not used): the same arguments give the same prototypes.
+    random state is not used): the same arguments give the same prototypes (on a GPU, up to its
+    nondeterministic kernels).
 
     Args:
         model: a classifier returning ``(N, K)`` class scores (logits; a tensor, or an output with
@@ -757,7 +761,9 @@ def class_prototypes(
             return x / std_t if std_t is not None else x
 
         # on the CPU the forward and the backward to the input run faster in channels-last layout
-        layout = {"format": torch.channels_last if device.type == "cpu" else None}
+        layout: dict[str, torch.memory_format | None] = {
+            "format": torch.channels_last if device.type == "cpu" else None
+        }
 
         def forward(x: Tensor) -> Any:
             with _no_autocast(device):
