@@ -716,7 +716,8 @@ def class_prototypes(
         ValueError: for ``classes`` outside the model's outputs (naming how many it has), a model whose
             output holds no ``(N, K)``, ``(N, 1)`` or ``(N,)`` class scores (naming what it returned),
             negative ``steps``, a bad ``size``, ``mean``/``std`` of the wrong length, an ``init`` of
-            the wrong shape, an unknown ``parameterisation``, scores that do not depend on the input.
+            the wrong shape, an unknown ``parameterisation``, scores that do not depend on the input
+            or are not finite.
         Exception: the model's own error when its forward fails on a ``(1, C, H, W)`` batch of
             ``size``, with a note that says to pass the input size the model takes (a vision
             transformer with a fixed image size).
@@ -800,7 +801,7 @@ def class_prototypes(
             elif init is None:
                 image = PixelImage.random(k, channels, hw, generator, device=device)
             else:
-                x01 = init.to(device=device, dtype=torch.float32)
+                x01 = init.detach().to(device=device, dtype=torch.float32)
                 if std_t is not None:
                     x01 = x01 * std_t
                 if mean_t is not None:
@@ -822,6 +823,8 @@ def class_prototypes(
             scores = scores_of(display)
         with torch.no_grad(), _no_autocast(device):
             chosen = class_objective(scores, targets)
+            if not bool(torch.isfinite(chosen).all()):
+                raise ValueError(f"the model's scores of the prototypes are not finite: {chosen.tolist()}")
             if single:
                 probabilities = torch.sigmoid(chosen)
             else:

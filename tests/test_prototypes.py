@@ -598,9 +598,52 @@ def test_bad_arguments_are_clear_errors():
         class_prototypes(model, [0], 8, parameterisation="rgb")
 
 
-def test_a_model_without_a_path_from_the_input_to_the_scores():
+def test_a_model_without_a_path_from_the_input_to_the_scores_or_with_scores_that_are_not_finite():
     with pytest.raises(ValueError, match=r"do not depend on the input image"):
         class_prototypes(Returns(lambda a: torch.zeros(a.shape[0], 3)), [0], 8, steps=1)
+    with pytest.raises(ValueError, match=r"scores of the prototypes are not finite: \[nan\]"):
+        class_prototypes(Returns(lambda a: a.mean(dim=(2, 3)) * math.nan), [1], 8, steps=1)
+
+
+def test_an_init_that_requires_grad_is_left_alone():
+    init = torch.rand(1, 3, 16, 16, generator=generator(18)).requires_grad_()
+    result = class_prototypes(tiny_cnn(), [0], init=init, steps=2)
+    assert init.grad is None and not result.display.requires_grad
+
+
+def test_classes_in_every_form():
+    model = tiny_cnn(num_classes=4)
+    expected = class_prototypes(model, [2, 2], 16, steps=2).display
+    for classes in (
+        [2, 2],
+        (2, 2),
+        np.array([2, 2]),
+        torch.tensor([2, 2]),
+        torch.tensor([2, 2], dtype=torch.int32),
+    ):
+        result = class_prototypes(model, classes, 16, steps=2)
+        assert result.classes.dtype == torch.long and result.classes.tolist() == [2, 2]
+        torch.testing.assert_close(result.display, expected)
+    one = class_prototypes(model, 2, 16, steps=2)
+    assert one.classes.tolist() == [2]
+    torch.testing.assert_close(one.display, expected[:1])  # batch of one: up to float error
+
+
+class HuggingFaceLike(nn.Module):
+    """Returns a mapping with ``logits``, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+def test_scores_in_a_mapping_with_logits():
+    model = HuggingFaceLike()
+    expected = class_prototypes(model.net, [1], 16, steps=2)
+    torch.testing.assert_close(class_prototypes(model, [1], 16, steps=2).display, expected.display)
 
 
 def test_a_vision_transformer_of_another_size_fails_with_its_own_error_and_a_hint():
@@ -611,6 +654,8 @@ def test_a_vision_transformer_of_another_size_fails_with_its_own_error_and_a_hin
     with pytest.raises(AssertionError, match=r"Input height \(16\) doesn't match model \(32\)") as caught:
         class_prototypes(vit, [0], 16, steps=1)
     assert any("pass size= that size" in note for note in getattr(caught.value, "__notes__", []))
+    with pytest.raises(AssertionError, match=r"pass size= that size"):  # pytest reads the note too
+        class_prototypes(vit, [0], 16, steps=1)
     assert hook_count(vit) == 0
     assert class_prototypes(vit, [0, 2], 32, steps=1).display.shape == (2, 3, 32, 32)
 
