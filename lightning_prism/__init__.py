@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .callback import PRISMMonitor
 from .engine import PRISMResult, prism
 from .gradients import GradCAMResult, SaliencyResult, grad_cam, prism_and_grad_cam, saliency
+from .prototypes import PrototypeResult, class_prototypes
 from .separation import class_separation
 
 try:
@@ -16,8 +17,10 @@ __all__ = [
     "GradCAMResult",
     "PRISMMonitor",
     "PRISMResult",
+    "PrototypeResult",
     "SaliencyResult",
     "__version__",
+    "class_prototypes",
     "class_separation",
     "grad_cam",
     "prism",
