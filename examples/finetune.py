@@ -34,6 +34,13 @@ from lightning_prism import PRISMMonitor
 
 CONFIG = Path(__file__).with_name("finetune.yaml")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+#: The monitor's curves the summary prints, with their labels.
+CURVES = {
+    "val/knn_accuracy": "k-NN accuracy",
+    "val/class_separation": "class separation (η²)",
+    "val/effective_rank": "effective rank (RankMe)",
+    "class_separation": "probe's class separation",
+}
 #: TensorBoard's flags for PRISM's images: without them it keeps 10 images per tag (a random sample),
 #: and with ``images=0`` the TensorBoard that pip installs keeps none.
 TENSORBOARD_FLAGS = "--samples_per_plugin images=1000"
@@ -236,21 +243,31 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     elapsed = time.perf_counter() - start
 
     log_dir = cli.trainer.logger.log_dir if cli.trainer.logger is not None else None
-    separation = _scalar_history(log_dir, f"{monitor.prefix}/class_separation") if log_dir else []
+    history = {
+        name: _scalar_history(log_dir, f"{monitor.prefix}/{name}") if log_dir else [] for name in CURVES
+    }
+    separation = history["class_separation"]
     summary = {
         "minutes": elapsed / 60,
         "val_acc": float(cli.trainer.callback_metrics.get("val_acc", float("nan"))),
         "separation_first": separation[0] if separation else float("nan"),
         "separation_last": separation[-1] if separation else float("nan"),
+        **{name: values for name, values in history.items() if name.startswith("val/")},
     }
     print(
         f"\nFine-tuned {cli.model.hparams.backbone} for {cli.trainer.current_epoch} epochs in {summary['minutes']:.1f} min."
     )
     print(f"  validation accuracy: {summary['val_acc']:.3f}")
-    print(
-        f"  class separation of the probe's PRISM features: {summary['separation_first']:.3f} (first epoch) "
-        f"→ {summary['separation_last']:.3f} (last epoch)"
-    )
+    rows = [(label, history[name]) for name, label in CURVES.items() if history[name]]
+    if rows:
+        # One column per logged pass: the model before training (step 0), then every epoch.
+        count = max(len(values) for _, values in rows)
+        columns = ["before"] + [f"epoch {e}" for e in range(count - 1)] if monitor.baseline else []
+        columns = columns or [f"#{i}" for i in range(count)]
+        print("  feature discrimination (validation set: prism/val/*; the probe: prism/class_separation):")
+        print("    " + " " * 28 + "".join(f"{c:>9}" for c in columns[:count]))
+        for label, values in rows:
+            print(f"    {label:<28}" + "".join(f"{v:>9.3f}" for v in values))
     print(f"  evolution strip: {monitor.evolution_path}")
     if log_dir:
         print(f"  TensorBoard:     tensorboard --logdir {Path(log_dir).resolve()} {TENSORBOARD_FLAGS}")

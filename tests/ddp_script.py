@@ -22,6 +22,8 @@ from lit_helpers import Stripes, loaders, make_module_class
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from lightning_prism import PRISMMonitor
+from lightning_prism.discrimination import discrimination
+from lightning_prism.recording import record
 
 
 class Record(pl.Callback):
@@ -30,6 +32,11 @@ class Record(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         probe = self.monitor._probe
+        # The validation set's metrics computed in one process, on the same samples, with the final
+        # weights (those of the last validation): its 10 samples' pooled final feature maps.
+        images = VALIDATION_SET.images[VALIDATION]
+        pooled = record(pl_module, images).final.mean(dim=(2, 3))
+        alone = discrimination(pooled, VALIDATION_SET.targets[VALIDATION], k=KNN_K)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             metrics = {
                 k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("prism")
@@ -41,23 +48,29 @@ class Record(pl.Callback):
                     "callback_metrics": metrics,
                     "weights_sum": float(sum(p.double().sum() for p in pl_module.parameters())),
                     "grads": [p.grad is None for p in pl_module.parameters()],
+                    "one_process": {f"prism/val/{k}": float(v) for k, v in alone.metrics.items()},
                 },
                 f,
             )
 
 
 class FailsOnceOnRankOne(PRISMMonitor):
-    """The PRISM pass fails on rank 1 in the first epoch, as an out-of-memory error on one GPU would."""
+    """The PRISM pass fails on rank 1 at the end of the first epoch, as an out-of-memory error on one
+    GPU would."""
 
-    def _run(self, trainer, pl_module, probe):
-        if trainer.global_rank == 1 and trainer.current_epoch == 0:
+    def _run(self, trainer, pl_module, probe, row=None):
+        if trainer.global_rank == 1 and trainer.current_epoch == 0 and row is None:
             raise RuntimeError("out of memory on rank 1")
-        return super()._run(trainer, pl_module, probe)
+        return super()._run(trainer, pl_module, probe, row)
 
 
 class Classifier(make_module_class(pl)):  # a class ddp_spawn can pickle (by its module-level name)
     pass
 
+
+#: The validation dataset, and the k-NN's k for its 10 validation samples.
+VALIDATION_SET = Stripes(32, seed=2)
+KNN_K = 3
 
 #: Validation draws these samples of a shared dataset through its sampler (Lightning wraps it in a
 #: DistributedSamplerWrapper, so each rank sees part of them).
@@ -69,9 +82,9 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     options = sys.argv[2:]
     views = ["prism", "grad_cam", "saliency"] if "views" in options else ["prism"]
-    monitor = FailsOnceOnRankOne(num_images=4, views=views, target="label")
+    monitor = FailsOnceOnRankOne(num_images=4, views=views, target="label", knn_k=KNN_K)
     train, _ = loaders()
-    val = DataLoader(Stripes(32, seed=2), batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
+    val = DataLoader(VALIDATION_SET, batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",

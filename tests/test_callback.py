@@ -259,7 +259,7 @@ def test_scalars_are_callback_metrics_and_drive_checkpointing_and_early_stopping
     t.fit(TinyClassifier(lr=0.2), train, val)
     acc = events(t.logger.log_dir)
     before, *separation = [e.value for e in acc.Scalars("prism/class_separation")]  # step 0: before training
-    assert len(separation) == 4 and len(set(separation)) > 1
+    assert 0 <= before <= 1 and len(separation) == 4 and len(set(separation)) > 1
     assert float(checkpoint.best_model_score) == pytest.approx(max(separation))
     best_epoch = separation.index(max(separation))
     assert os.path.basename(checkpoint.best_model_path).startswith(f"epoch={best_epoch}-")
@@ -589,4 +589,8 @@ def test_every_n_epochs_scalars_drive_a_checkpoint_on_the_same_schedule(tmp_path
     )
     t.fit(TinyClassifier(), train, val)
     before, *separation = [e.value for e in events(t.logger.log_dir).Scalars("prism/class_separation")]
-    assert len(separation) == 2 and float(checkpoint.best_model_score) == pytest.approx(max(separation))
+    assert (
+        0 <= before <= 1
+        and len(separation) == 2
+        and float(checkpoint.best_model_score) == pytest.approx(max(separation))
+    )

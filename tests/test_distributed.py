@@ -45,13 +45,15 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(plain):
     # epoch's validation loss.
     steps = [e.step for e in acc.Scalars("val_loss")]
     assert steps == [1, 3]
-    assert [e.step for e in acc.Images("prism/maps")] == steps
-    # The PRISM pass failed on rank 1 in the first epoch (ddp_script.py): no rank logged scalars
-    # then, and afterwards only those that both ranks had (rank 1 has no previous epoch to compare
-    # with); nobody waited for a reduction that never came.
-    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == steps[1:]
-    assert [e.step for e in acc.Scalars("prism/class_separation")] == steps[1:]
-    assert "prism/similarity/previous" not in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Images("prism/maps")] == [0, *steps]  # 0: before training
+    # The PRISM pass failed on rank 1 at the end of the first epoch (ddp_script.py): no rank logged its
+    # scalars then (rank zero alone logs those of the model before training, at step 0), and nobody
+    # waited for a reduction that never came. The validation set's metrics, from the samples of both
+    # ranks, were logged every epoch.
+    assert [e.step for e in acc.Scalars("prism/explained_variance/pc1")] == [0, steps[1]]
+    assert [e.step for e in acc.Scalars("prism/similarity/previous")] == steps[1:]
+    for name in ("knn_accuracy", "class_separation", "effective_rank"):
+        assert [e.step for e in acc.Scalars(f"prism/val/{name}")] == [0, *steps], name
     # Every rank logged them, so callbacks that monitor them work on every rank.
     assert ranks[0]["callback_metrics"] == ranks[1]["callback_metrics"]
     assert sorted(ranks[0]["callback_metrics"]) == [
@@ -59,7 +61,16 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(plain):
         "prism/explained_variance/pc1",
         "prism/explained_variance/pc2",
         "prism/explained_variance/pc3",
+        "prism/similarity/first",
+        "prism/similarity/previous",
+        "prism/val/class_separation",
+        "prism/val/effective_rank",
+        "prism/val/knn_accuracy",
     ]
+    # The validation set's metrics of two processes, each with half the samples, are those of one
+    # process on all of them.
+    for name, value in ranks[0]["one_process"].items():
+        assert ranks[0]["callback_metrics"][name] == pytest.approx(value, abs=1e-5), name
 
 
 def test_ddp_gradient_views_never_touch_training(tmp_path, plain):
@@ -74,4 +85,4 @@ def test_ddp_gradient_views_never_touch_training(tmp_path, plain):
     acc.Reload()
     steps = [e.step for e in acc.Scalars("val_loss")]
     for view in ["maps", "grad_cam", "saliency", "views"]:
-        assert [e.step for e in acc.Images(f"prism/{view}")] == steps, view
+        assert [e.step for e in acc.Images(f"prism/{view}")] == [0, *steps], view

@@ -33,8 +33,11 @@ def test_finetune_example_runs_on_a_few_batches(tmp_path, capsys):
     assert 0 <= summary["val_acc"] <= 1
     assert 0 <= summary["separation_first"] <= 1 and 0 <= summary["separation_last"] <= 1
     strip = Image.open(next(tmp_path.rglob("prism_evolution.png")))
-    width, height = strip.size  # inputs row + 2 logged epochs, 20 probe images after the labels
-    assert height == 3 * 98 + 2 and 20 * 98 + 2 < width < 20 * 98 + 2 + 120
+    width, height = strip.size  # inputs row, before training, 2 epochs; 20 probe images after the labels
+    assert height == 4 * 98 + 2 and 20 * 98 + 2 < width < 20 * 98 + 2 + 120
+    # The curves from the model before training on: step 0, then each epoch.
+    for name in ("val/knn_accuracy", "val/class_separation", "val/effective_rank"):
+        assert len(summary[name]) == 3 and all(np.isfinite(summary[name])), name
     # It prints the TensorBoard command the README gives (tests/test_tensorboard.py serves it).
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "tensorboard --logdir" in x]
     words = shlex.split(line.split("TensorBoard:", 1)[1])

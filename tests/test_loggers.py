@@ -34,7 +34,7 @@ def fit(tmp_path, logger, epochs: int = 3) -> tuple[PRISMMonitor, TensorBoardLog
     torch.manual_seed(0)
     train, val = loaders()
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
-    monitor = PRISMMonitor(num_images=4, class_names=NAMES)
+    monitor = PRISMMonitor(num_images=4, class_names=NAMES, knn_k=5)  # 16 validation samples
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=[monitor],
@@ -137,9 +137,10 @@ def test_mlflow_gets_every_epochs_pictures_the_scalars_and_the_strip(tmp_path, o
         if match:
             key = match["key"].replace("~", "/").replace("#", "/")
             logged.setdefault(key, {})[int(match["step"])] = artifact.path
-    assert sorted(logged) == ["prism/inputs", "prism/maps", "prism/overlay"]
-    assert sorted(logged["prism/maps"]) == sorted(logged["prism/overlay"]) == steps
-    assert sorted(logged["prism/inputs"]) == steps[:1]
+    assert sorted(logged) == ["prism/embedding", "prism/inputs", "prism/maps", "prism/overlay"]
+    # Before training (step 0), then every epoch.
+    assert sorted(logged["prism/maps"]) == sorted(logged["prism/overlay"]) == [0, *steps]
+    assert sorted(logged["prism/inputs"]) == [0]
     for key in ("prism/maps", "prism/overlay"):  # the same captioned grid TensorBoard shows
         local = client.download_artifacts(run_id, logged[key][steps[-1]], str(tmp_path / "download"))
         np.testing.assert_array_equal(
@@ -180,9 +181,9 @@ def test_wandb_gets_captioned_pictures_every_epoch_and_the_strip(tmp_path, offli
     for key in SCALARS:  # in the same row as the validation loss
         assert [step_of(r) for r in rows if key in r] == [e.step for e in acc.Scalars(key)]
     maps = [r for r in rows if "prism/maps/_type" in r]
-    assert [step_of(r) for r in maps] == steps
-    assert [step_of(r) for r in rows if "prism/inputs/_type" in r] == steps[:1]
-    assert [step_of(r) for r in rows if "prism/overlay/_type" in r] == steps
+    assert [step_of(r) for r in maps] == [0, *steps]  # before training, then every epoch
+    assert [step_of(r) for r in rows if "prism/inputs/_type" in r] == [0]
+    assert [step_of(r) for r in rows if "prism/overlay/_type" in r] == [0, *steps]
 
     # The last epoch: one image per probe image, captioned "true → predicted" (✗ when wrong).
     last = maps[-1]

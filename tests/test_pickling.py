@@ -103,8 +103,19 @@ class RoundTrips(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         self.check("fit start")
 
+    def on_train_start(self, trainer, pl_module):
+        self.check("train start")  # after the row of the model before training
+
     def on_train_epoch_start(self, trainer, pl_module):
         self.check(f"train epoch {trainer.current_epoch}")
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if self.twin is not None:
+            self.twin.on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.twin is not None:
+            self.twin.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -122,7 +133,7 @@ class RoundTrips(pl.Callback):
 
 def test_a_monitor_pickles_and_deep_copies_at_every_stage_and_its_copy_logs_the_same_maps(tmp_path):
     torch.manual_seed(0)
-    monitor = PRISMMonitor(num_images=4, views=VIEWS, class_names=["vertical", "horizontal"])
+    monitor = PRISMMonitor(num_images=4, views=VIEWS, class_names=["vertical", "horizontal"], knn_k=5)
     for make_copy in COPIES.values():  # before any fit
         assert_same(meaning(make_copy(monitor)), meaning(monitor))
     trips = RoundTrips(monitor)
@@ -130,19 +141,21 @@ def test_a_monitor_pickles_and_deep_copies_at_every_stage_and_its_copy_logs_the_
     train, val = loaders()
     t.fit(TinyClassifier(), train, val)
     assert trips.stages == [
-        "setup", "fit start", "train epoch 0", "validation 0", "train epoch 1", "validation 1",
+        "setup", "fit start", "train start", "train epoch 0", "validation 0", "train epoch 1", "validation 1",
         "train epoch 2", "validation 2", "fit end",
     ]  # fmt: skip
-    # The copy made after the first validation logged, in epochs 1 and 2, exactly the original's maps
-    # and numbers: the same probe, colour basis and Grad-CAM.
+    # The copy made after the first validation logged, in epochs 1 and 2, exactly the original's maps,
+    # embedding and numbers: the same probe, colour basis, Grad-CAM and embedding axes.
     acc = events(t.logger.log_dir)
-    for view in ("maps", "overlay", "grad_cam", "views"):
+    first_step = acc.Scalars("val_loss")[0].step
+    for view in ("maps", "overlay", "grad_cam", "views", "embedding"):
         original, twin = acc.Images(f"prism/{view}"), acc.Images(f"twin/{view}")
-        assert [e.step for e in twin] == [e.step for e in original][1:]
-        for a, b in zip(original[1:], twin, strict=True):
+        after_copy = [e for e in original if e.step > first_step]
+        assert len(after_copy) == 2 and [e.step for e in twin] == [e.step for e in after_copy]
+        for a, b in zip(after_copy, twin, strict=True):
             np.testing.assert_array_equal(decode(a), decode(b))
-    first_step = acc.Images("prism/maps")[0].step
-    for name in ("explained_variance/pc1", "similarity/previous", "similarity/first", "class_separation"):
+    names = ("explained_variance/pc1", "similarity/previous", "similarity/first", "class_separation")
+    for name in (*names, "val/knn_accuracy", "val/class_separation", "val/effective_rank"):
         original, twin = acc.Scalars(f"prism/{name}"), acc.Scalars(f"twin/{name}")
         after_copy = [(e.step, e.value) for e in original if e.step > first_step]
         assert after_copy and [(e.step, e.value) for e in twin] == after_copy
@@ -162,7 +175,7 @@ def test_a_copy_made_after_a_fit_runs_the_next_fit_as_the_original_does(tmp_path
         t = trainer(tmp_path / name, [twin], max_epochs=2)
         t.fit(TinyClassifier(), train, val)
         logged[name] = [decode(e) for e in events(t.logger.log_dir).Images("prism/maps")]
-        assert len(logged[name]) == 2
+        assert len(logged[name]) == 3  # before training, two epochs
     for name in copies:
         for a, b in zip(logged["original"], logged[name], strict=True):
             np.testing.assert_array_equal(a, b)

@@ -46,12 +46,11 @@ def test_the_readme_command_serves_every_epochs_maps(tmp_path):
     assert len(epochs) == EPOCHS
 
     with tensorboard_server(tmp_path, readme_tensorboard_flags()) as base:
-        served = wait_for_images(base, "run/version_0", "prism/maps", EPOCHS)
-        assert [image["step"] for image in served] == epochs, (tmp_path / "tensorboard.log").read_text()[
-            -2000:
-        ]
+        served = wait_for_images(base, "run/version_0", "prism/maps", 1 + EPOCHS)
+        log = (tmp_path / "tensorboard.log").read_text()[-2000:]
+        assert [image["step"] for image in served] == [0, *epochs], log  # 0: the model before training
         # What the dashboard shows for the last epoch is the picture the monitor wrote.
         last = Image.open(io.BytesIO(written.Images("prism/maps")[-1].encoded_image_string))
         np.testing.assert_array_equal(served_image(base, served[-1]), np.asarray(last.convert("RGB")))
         for tag in ["prism/overlay", "prism/grad_cam", "prism/saliency", "prism/views"]:
-            assert [image["step"] for image in served_images(base, "run/version_0", tag)] == epochs, tag
+            assert [image["step"] for image in served_images(base, "run/version_0", tag)] == [0, *epochs], tag
