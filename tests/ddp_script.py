@@ -49,6 +49,7 @@ class Record(pl.Callback):
                     "weights_sum": float(sum(p.double().sum() for p in pl_module.parameters())),
                     "grads": [p.grad is None for p in pl_module.parameters()],
                     "one_process": {f"prism/val/{k}": float(v) for k, v in alone.metrics.items()},
+                    "prototype_calls": self.monitor.prototype_calls,
                 },
                 f,
             )
@@ -57,6 +58,12 @@ class Record(pl.Callback):
 class FailsOnceOnRankOne(PRISMMonitor):
     """The PRISM pass fails on rank 1 at the end of the first epoch, as an out-of-memory error on one
     GPU would."""
+
+    prototype_calls = 0
+
+    def _log_prototypes(self, *args, **kwargs):
+        self.prototype_calls += 1
+        return super()._log_prototypes(*args, **kwargs)
 
     def _run(self, trainer, pl_module, probe, row=None):
         if trainer.global_rank == 1 and trainer.current_epoch == 0 and row is None:
@@ -81,8 +88,8 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.manual_seed(0)
     options = sys.argv[2:]
-    views = ["prism", "grad_cam", "saliency"] if "views" in options else ["prism"]
-    monitor = FailsOnceOnRankOne(num_images=4, views=views, target="label", knn_k=KNN_K)
+    views = ["prism", "grad_cam", "saliency", "prototypes"] if "views" in options else ["prism"]
+    monitor = FailsOnceOnRankOne(num_images=4, views=views, target="label", knn_k=KNN_K, prototype_steps=8)
     train, _ = loaders()
     val = DataLoader(VALIDATION_SET, batch_size=4, sampler=SubsetRandomSampler(VALIDATION))
     trainer = pl.Trainer(

@@ -285,7 +285,7 @@ def simulate(per_rank: list[tuple[torch.Tensor | None, torch.Tensor | None]]) ->
     """Run :func:`gather` on one thread per rank with a collective all_gather (every rank blocks until all
     have contributed; shapes must agree, as with torch.distributed), and return each rank's answer."""
     world = len(per_rank)
-    barrier = threading.Barrier(world)
+    barrier = threading.Barrier(world, timeout=10)  # a rank left waiting breaks it: no test hangs
     slots: list[torch.Tensor | None] = [None] * world
     answers: list = [None] * world
 
@@ -301,11 +301,10 @@ def simulate(per_rank: list[tuple[torch.Tensor | None, torch.Tensor | None]]) ->
 
         try:
             answers[rank] = gather(*per_rank[rank], all_gather)
-        except Exception as error:  # every rank must agree, also on errors
+        except Exception as error:  # every rank must agree, also on errors (no rank left waiting)
             answers[rank] = error
-            barrier.abort()
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:

@@ -74,8 +74,9 @@ def test_ddp_two_cpu_processes_same_probe_rank_zero_writes(plain):
 
 
 def test_ddp_gradient_views_never_touch_training(tmp_path, plain):
-    """Grad-CAM and saliency on every rank, on the LightningModule itself: the weights come out exactly
-    as without them (no gradient reached DDP's reducer or the optimiser) and rank zero logs them."""
+    """Grad-CAM and saliency on every rank, on the LightningModule itself, and the class prototypes on
+    global rank zero alone: the weights come out exactly as without them (no gradient reached DDP's
+    reducer or the optimiser), rank zero logs them, and nobody waited for a collective."""
     with_views, without = fit(tmp_path / "views", "views", *plain[2]), plain[1]
     assert with_views[0]["weights_sum"] == with_views[1]["weights_sum"] == without[0]["weights_sum"]
     assert with_views[0]["grads"] == without[0]["grads"]
@@ -84,5 +85,7 @@ def test_ddp_gradient_views_never_touch_training(tmp_path, plain):
     )
     acc.Reload()
     steps = [e.step for e in acc.Scalars("val_loss")]
-    for view in ["maps", "grad_cam", "saliency", "views"]:
+    for view in ["maps", "grad_cam", "saliency", "views", "prototypes"]:
         assert [e.step for e in acc.Images(f"prism/{view}")] == [0, *steps], view
+    # The prototypes: before training and in both epochs, on global rank zero alone.
+    assert [rank["prototype_calls"] for rank in with_views] == [3, 0]

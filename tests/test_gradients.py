@@ -895,7 +895,8 @@ def test_grad_cam_holds_no_more_activations_than_prism_while_the_head_runs(seede
     def alive_bytes() -> int:  # activations reachable from Python while the classifier starts
         storages = {}
         for o in gc.get_objects():
-            if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.ndim == 4 and o.shape[1] > 1:
+            # plain tensors only (not a FakeTensor that torch.compile left behind in another test)
+            if type(o) is torch.Tensor and o.device.type == "cpu" and o.ndim == 4 and o.shape[1] > 1:
                 storage = o.untyped_storage()
                 if storage.data_ptr() not in skip:
                     storages[storage.data_ptr()] = storage.nbytes()
