@@ -57,7 +57,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 #: The classes of the bundled photos (Lite0's top class for chelsea, coffee and rocket; the helmet of
 #: the astronaut), and six more of different kinds.
 IMAGENET_CLASSES = [285, 967, 657, 560, 11, 130, 340, 779, 954, 985]
-DEFAULT_CACHE = Path("/work/cache/digits_lite0.pt")
+DEFAULT_CACHE = Path.home() / ".cache" / "lightning-prism" / "digits_lite0.pt"
 
 
 def imagenet_names() -> list[str]:
@@ -143,17 +143,26 @@ def evaluate(
     }
 
 
-def run(name: str, model: nn.Module, classes: list[int], names: list[str], size: int, args) -> list[str]:
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    target = torch.tensor(classes)
+def run(
+    name: str, model: nn.Module, classes: list[int], names: list[str], size: int, args, grey: bool = False
+) -> list[str]:
+    device = torch.device(args.device)
+    model = model.to(device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    target = torch.tensor(classes, device=device)
     rows = []
     methods = {
         "prototype (Fourier, decorrelated, transforms)": {},
         "plain pixel ascent": {"parameterisation": "pixel", "transforms": ()},
     }
+    if grey:  # a model trained on grey images: what the monitor runs for it
+        methods["prototype, grey (one channel, as the monitor runs it here)"] = {"grey": True}
     for method, options in methods.items():
         seconds, result = [], None
         for _ in range(args.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             result = class_prototypes(
                 model,
@@ -167,6 +176,8 @@ def run(name: str, model: nn.Module, classes: list[int], names: list[str], size:
                 seed=args.seed,
                 **options,
             )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - start)
         assert result is not None
         m = evaluate(model, result.display, target, mean, std)
@@ -178,8 +189,9 @@ def run(name: str, model: nn.Module, classes: list[int], names: list[str], size:
         if args.out:
             probabilities = result.probabilities.tolist()
             captions = [f"{names[c]} {p:.2f}" for c, p in zip(classes, probabilities, strict=True)]
-            grid = caption_grid(result.display, captions, nrow=5)
-            path = Path(args.out) / f"prototypes_{name}_{'fourier' if not options else 'pixel'}.png"
+            grid = caption_grid(result.display.cpu(), captions, nrow=5)
+            kind = "grey" if options.get("grey") else "pixel" if options else "fourier"
+            path = Path(args.out) / f"prototypes_{name}_{kind}.png"
             Image.fromarray(grid).save(path)
             print(f"saved {path}", flush=True)
     return rows
@@ -221,10 +233,17 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="the digits model's weights")
     parser.add_argument("--out", default="/tmp", help="folder for the PNG grids ('' for none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-eight", action="store_true", help="skip the 8 → 3 exercise")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    where = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, {where}, {os.cpu_count()} CPUs")
     header = [
         "| model | method | classes | size | steps | own class | median probability | after an 8-px shift "
         "| after a 10° rotation | s/call |",
@@ -237,9 +256,10 @@ def main() -> None:
             rows += run(name, lite0(), IMAGENET_CLASSES, imagenet_names(), 224, args)
         else:
             model = digits_model(args.cache)
-            rows += run(name, model, list(range(10)), [str(d) for d in range(10)], 128, args)
-            notes.append(eight_to_three(model, args.out))
-            print(notes[-1], flush=True)
+            rows += run(name, model, list(range(10)), [str(d) for d in range(10)], 128, args, grey=True)
+            if not args.no_eight:
+                notes.append(eight_to_three(model.cpu(), args.out))
+                print(notes[-1], flush=True)
     print("\n" + "\n".join([*header, *rows, "", *notes]))
 
 

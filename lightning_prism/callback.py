@@ -1015,6 +1015,9 @@ class PRISMMonitorBase:
                 else (grey - images.new_tensor(self.mean).view(1, -1, 1, 1))
                 / images.new_tensor(self.std).view(1, -1, 1, 1)
             )
+        # Grey probe images shown as colour ones (every channel alike): grey prototypes, as the model saw.
+        shown = denormalize(images[finite], self.mean, self.std)
+        grey = channels == 3 and bool((shown - shown[:, :1]).abs().amax() < 1e-3)
         with eager(), trainer.precision_plugin.forward_context():
             result = class_prototypes(
                 self._target(pl_module),
@@ -1024,6 +1027,7 @@ class PRISMMonitorBase:
                 std=self.std,
                 steps=self.prototype_steps,
                 init=init,
+                grey=grey,
             )
         names = self.class_names if self.class_names is not None else probe.class_names
         texts = [

@@ -649,6 +649,7 @@ def class_prototypes(
     decay: float = DEFAULT_DECAY,
     transforms: Sequence[Transform] | None = None,
     parameterisation: str = "fourier",
+    grey: bool = False,
 ) -> PrototypeResult:
     """Class prototypes: for each class, the input that maximises its score (Simonyan et al. 2013),
     made readable as Olah et al. 2017 describe.
@@ -697,6 +698,9 @@ def class_prototypes(
         transforms: the transforms of every step; ``None``: :func:`standard_transforms`; ``()``: none.
         parameterisation: ``"fourier"`` (:class:`FourierImage`) or ``"pixel"`` (:class:`PixelImage`,
             for comparison: plain pixel ascent, with ``transforms=()``).
+        grey: optimise one grey channel, repeated over the model's ``C`` input channels: for a model
+            trained on grey images shown as colour ones (as the fine-tuning example's digits), whose
+            prototypes would otherwise fill the colour directions it never saw.
 
     Returns:
         :class:`PrototypeResult`. ``C`` is ``init``'s channels, else 3 (a grey model: pass a
@@ -736,6 +740,9 @@ def class_prototypes(
     init = _check_init(init, k)
     hw = _check_size(size, init)
     channels = init.shape[1] if init is not None else 3
+    if not isinstance(grey, bool):
+        raise TypeError(f"grey must be a bool, got {grey!r}")
+    shade = 1 if grey else channels  # the optimised image's channels
     chain = standard_transforms() if transforms is None else list(transforms)
 
     inner, _ = _unwrap(model)
@@ -760,6 +767,8 @@ def class_prototypes(
 
         def forward(x: Tensor) -> Any:
             with _no_autocast(device):
+                if x.shape[1] != channels:  # one grey channel, as the model's C
+                    x = x.expand(-1, channels, -1, -1)
                 x = normalise(x)
                 x = x.to(dtype)
                 if layout["format"] is not None:
@@ -788,10 +797,10 @@ def class_prototypes(
         with _no_autocast(device):
             if init is None and parameterisation == "fourier":
                 image: ImageParameterisation = FourierImage.random(
-                    k, channels, hw, generator, decay=decay, device=device
+                    k, shade, hw, generator, decay=decay, device=device
                 )
             elif init is None:
-                image = PixelImage.random(k, channels, hw, generator, device=device)
+                image = PixelImage.random(k, shade, hw, generator, device=device)
             else:
                 x01 = init.detach().to(device=device, dtype=torch.float32)
                 if std_t is not None:
@@ -799,6 +808,8 @@ def class_prototypes(
                 if mean_t is not None:
                     x01 = x01 + mean_t
                 x01 = x01.expand(k, -1, -1, -1)
+                if grey:
+                    x01 = x01.mean(dim=1, keepdim=True)
                 image = (
                     FourierImage.from_image(x01, decay)
                     if parameterisation == "fourier"
@@ -811,7 +822,7 @@ def class_prototypes(
         history = render(image, objective, steps=steps, lr=lr, transforms=chain, generator=generator)
         with torch.no_grad():
             with _no_autocast(device):
-                display = image().detach()
+                display = image().detach().expand(-1, channels, -1, -1).contiguous()
             scores = scores_of(display)
         with torch.no_grad(), _no_autocast(device):
             chosen = class_objective(scores, targets)

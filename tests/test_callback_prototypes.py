@@ -114,3 +114,28 @@ def test_the_strip_can_show_the_prototypes_under_an_example_of_each_class(tmp_pa
 def test_bad_prototype_options_are_construction_errors(options, message):
     with pytest.raises(ValueError, match=message):
         PRISMMonitor(**options)
+
+
+def test_grey_probe_images_get_grey_prototypes(tmp_path):
+    """Grey images shown as colour ones (every channel alike, as the fine-tuning example's digits): the
+    prototypes are grey too, one channel optimised and shown in all three, as the model saw its data."""
+    torch.manual_seed(0)
+    train, val = loaders()
+    for loader in (train, val):
+        loader.dataset.images = loader.dataset.images[:, :1].expand(-1, 3, -1, -1).contiguous()
+    module = TinyClassifier()
+    monitor = PRISMMonitor(num_images=4, views=["prototypes"], prototype_steps=STEPS, knn_k=5, strict=True)
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    t.fit(module, train, val)
+    picture = decode(events(t.logger.log_dir).Images("prism/prototypes")[-1]).astype(int)
+    expected = class_prototypes(module, [0, 1], (32, 32), steps=STEPS, grey=True)
+    assert torch.equal(expected.display[:, 0], expected.display[:, 2])
+    tiles = picture[2 : 2 + 96]  # the tiles' row, above the captions: grey, every channel alike
+    assert np.abs(tiles[..., 0] - tiles[..., 2]).max() <= 1
+    np.testing.assert_allclose(
+        picture,
+        caption_grid(
+            expected.display, [f"{c} {p:.2f}" for c, p in enumerate(expected.probabilities.tolist())]
+        ),
+        atol=1,
+    )

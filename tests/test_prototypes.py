@@ -141,6 +141,28 @@ def test_box_bounded_pixel_ascent_of_a_linear_model_drives_every_pixel_to_the_si
     torch.testing.assert_close(result.probabilities, scores.softmax(1)[[0, 1], [4, 1]])
 
 
+def test_grey_prototypes_of_a_linear_model_follow_its_weights_summed_over_the_channels():
+    """With ``grey=True`` one channel is optimised and the model sees it in all three: the maximum of
+    ``w_c · (g - mean) / std`` over a grey ``g`` in ``[0, 1]`` is ``g = 1`` where ``Σ_ch w_c[ch] / std[ch] > 0``
+    and 0 where it is below."""
+    torch.manual_seed(3)
+    w = torch.randn(4, 3 * 4 * 4)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
+    result = class_prototypes(
+        linear_scorer(w), [2, 0], (4, 4), mean=mean, std=std, steps=150, lr=0.5,
+        parameterisation="pixel", transforms=(), grey=True,
+    )  # fmt: skip
+    assert result.display.shape == (2, 3, 4, 4)
+    assert torch.equal(result.display[:, 0], result.display[:, 1]) and torch.equal(
+        result.display[:, 0], result.display[:, 2]
+    )
+    per_channel = w[[2, 0]].view(2, 3, 4, 4) / torch.tensor(std).view(1, 3, 1, 1)
+    expected = (per_channel.sum(dim=1) > 0).float()
+    assert (result.display[:, 0] - expected).abs().max() < 0.02
+    with pytest.raises(TypeError, match=r"grey must be a bool, got 'yes'"):
+        class_prototypes(linear_scorer(w), [0], (4, 4), steps=1, grey="yes")
+
+
 # ------------------------------------------------------------------------------ parameterisation
 def numpy_scale(h: int, w: int, decay: float) -> np.ndarray:
     f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2)
