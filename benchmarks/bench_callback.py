@@ -3,7 +3,9 @@
 Runs the same ``fit`` (same seed, data and model) without and with the callback, ``--repeats``
 pairs (which of the two runs first alternates from pair to pair), and prints per pair: both wall
 times, their ratio, the time the callback spent in its own work (measured inside the run: building
-the probe, the probe's PRISM pass, rendering and logging, the evolution strip), and the ratio once
+the probe, the probe's PRISM pass, rendering and logging, the row of the model before training with its
+pass over the validation set, the validation capture's work after every validation batch, the validation
+set's metrics and embedding, the evolution strip), and the ratio once
 that work is subtracted (target ≤ 1.03: training and validation steps pay nothing else). The last
 row is the median over the pairs. It also prints the memory the probe pass adds (GPU: peak
 allocated; CPU, Linux only: peak resident set).
@@ -71,7 +73,7 @@ class TimedMonitor(PRISMMonitor):
     seconds = 0.0
     peak_bytes = 0
 
-    def _run(self, trainer, pl_module, probe):
+    def _run(self, trainer, pl_module, probe, row=None):
         cuda = pl_module.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -81,7 +83,7 @@ class TimedMonitor(PRISMMonitor):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the resident-set high-water mark
             before = resident_bytes()
-        scalars = super()._run(trainer, pl_module, probe)
+        scalars = super()._run(trainer, pl_module, probe, row)
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
@@ -97,6 +99,15 @@ class TimedMonitor(PRISMMonitor):
 
     def setup(self, *args, **kwargs):
         self._timed(super().setup, *args, **kwargs)
+
+    def on_train_start(self, *args, **kwargs):  # the row of the model before training
+        self._timed(super().on_train_start, *args, **kwargs)
+
+    def on_validation_epoch_start(self, *args, **kwargs):
+        self._timed(super().on_validation_epoch_start, *args, **kwargs)
+
+    def on_validation_batch_end(self, *args, **kwargs):  # the validation capture's take()
+        self._timed(super().on_validation_batch_end, *args, **kwargs)
 
     def on_validation_epoch_end(self, *args, **kwargs):
         self._timed(super().on_validation_epoch_end, *args, **kwargs)

@@ -1,6 +1,6 @@
 """The README's and docs' pictures of the fine-tuning example, from the logs of a real run.
 
-    python examples/finetune.py --trainer.callbacks.init_args.views "[prism, grad_cam, prototypes]"
+    python examples/finetune.py
     python docs/make_figures.py prism_logs/finetune/version_0
 
 Writes into ``docs/``: ``evolution_digits.png`` (the run's evolution strip, as stored),

@@ -137,7 +137,8 @@ def _forward_error(error: Exception, target: nn.Module, images: Tensor) -> Excep
 
 
 class PRISMMonitorBase:
-    r"""Log PRISM maps of a fixed probe batch of validation images at the end of validation.
+    r"""Log PRISM maps of a fixed probe batch of validation images, and the feature discrimination of the
+    whole validation set, from the model before training and at the end of validation.
 
     The probe is a validation batch: chosen once per ``fit`` (and per ``validate()``),
     deterministically, from the samples that the validation dataloader yields (its dataset *and* its
@@ -160,12 +161,18 @@ class PRISMMonitorBase:
       :attr:`~lightning_prism.PRISMResult.colour_variance`), ``<prefix>/similarity/previous`` and
       ``<prefix>/similarity/first`` (mean cosine of the principal angles between this epoch's
       top-three subspace and the previous/first logged epoch's) and, with labels,
-      ``<prefix>/class_separation``; the values are the same on every rank;
+      ``<prefix>/class_separation``; and the validation set's ``<prefix>/val/knn_accuracy``,
+      ``<prefix>/val/class_separation`` and ``<prefix>/val/effective_rank``
+      (:mod:`lightning_prism.discrimination`), from each sample's pooled final feature map kept during
+      the validation pass itself (:class:`~lightning_prism.validation.ValidationFeatures`: at most
+      ``val_samples``, gathered across ranks); the values are the same on every rank;
     * pictures, at that same step and under the same tag every epoch (so a slider scrubs through
       the epochs), to every logger that takes them (:mod:`lightning_prism.loggers`: TensorBoard,
       W&B, MLflow): ``<prefix>/maps`` and ``<prefix>/overlay``, grids with each image's true label
       and the model's prediction underneath (a wrong prediction in red), and ``<prefix>/inputs``,
-      the de-normalised probe (once per run and logger). Any other logger gets one warning;
+      the de-normalised probe (once per run and logger); ``<prefix>/embedding``, the validation samples
+      on two principal axes aligned from pass to pass, with the features for each tracker's projector
+      (:mod:`lightning_prism.embedding`). Any other logger gets one warning;
     * with ``views`` beyond ``"prism"``, the gradient views of the same probe at the same step:
       ``<prefix>/grad_cam`` (:func:`~lightning_prism.grad_cam` of the class ``target`` names, at
       PRISM's final feature map, from PRISM's own forward), ``<prefix>/saliency`` and
@@ -177,15 +184,24 @@ class PRISMMonitorBase:
       From the second epoch on, Grad-CAM's forward is told where the previous epoch's last graph
       cut fell, so autograd records only the head (a model that now runs differently costs one
       more forward, never a wrong map);
+    * with ``"prototypes"`` in ``views``, every ``prototype_every_n_epochs`` epochs,
+      ``<prefix>/prototypes``: the class prototype (:func:`~lightning_prism.class_prototypes`) of every
+      class of the probe, at most 16, computed by global rank zero alone;
     * at the end of ``fit``, ``<prefix>_evolution.png``, stored with every logger's run that keeps
       files (TensorBoard's and CSV's log directory, W&B run files, MLflow artifacts; never the
       working directory): the probe, then one row of ``evolution_view`` overlays per logged epoch, at most
       ``evolution_rows`` rows spread evenly over the whole run (also across a resume: the rows are
       saved in checkpoints).
 
-    Outside its own forward pass the model carries no hook of the monitor, and the global random
-    state is left as found. A
-    failure at run time is one warning per cause and training goes on, unless ``strict=True``. A
+    With ``baseline=True`` the same is logged for the model as loaded when ``fit`` starts, before the
+    first optimiser step, at step 0 (the strip's row "before"; ``similarity/first`` and
+    ``basis="fixed"`` refer to it), from one pass over the validation data.
+
+    During a monitored validation epoch the model carries two forward hooks of the monitor (on the
+    module that hands on PRISM's final feature map, and on the forward's module, for the predictions),
+    attached when the epoch starts and removed when it ends, before the probe's forward, and on every
+    exception; during training steps none. Its own forwards run eagerly in a ``torch.compile``'d model.
+    The global random state is left as found. A failure at run time is one warning per cause and training goes on, unless ``strict=True``. A
     probe image with NaN or infinite values is named in a warning and shown as an invalid tile; the
     other images still get their maps. A monitor reused for another ``fit`` starts afresh (new
     probe, basis, strip) unless its state is restored from a checkpoint; a colour basis that does
@@ -224,8 +240,8 @@ class PRISMMonitorBase:
             logged epochs are always shown).
         font: path of a TrueType/OpenType font for captions and labels, for class names in a
             script the bundled DejaVu Sans Bold lacks (such as Chinese); ``None`` for the bundled font.
-        views: what to log every epoch, one or more of ``"prism"``, ``"grad_cam"``, ``"saliency"``
-            and ``"guided_saliency"``.
+        views: what to log every epoch, one or more of ``"prism"``, ``"grad_cam"``, ``"saliency"``,
+            ``"guided_saliency"`` and ``"prototypes"``.
         target: the class the gradient views explain: ``"prediction"`` (the model's) or ``"label"``
             (the probe's true labels). For a multi-label classifier, each image's highest-scoring
             predicted label, or its highest-scoring true label.
@@ -244,6 +260,15 @@ class PRISMMonitorBase:
         baseline: log every view of the model as loaded when ``fit`` starts (before the first optimiser
             step, at step 0; not when resuming a run that has it): the "before" row of the strip, and
             the basis that ``similarity/first`` and ``basis="fixed"`` refer to.
+        prototype_every_n_epochs: with ``"prototypes"`` in ``views``, draw them in every this many of
+            the epochs the monitor works in (and before training).
+        prototype_steps: optimisation steps of each prototype call.
+        val_samples: validation samples kept for the validation set's metrics and embedding (spread
+            over each rank's share of the set; the same every epoch with an unshuffled loader); ``0``
+            turns them off.
+        knn_k: the k-NN accuracy's number of neighbours (weighted votes ``exp(s / 0.07)``).
+        embedding_samples: samples sent to the trackers' projectors (TensorBoard's Projector, a W&B
+            table, MLflow artifacts) each time; ``0``: none.
         strict: raise instead of warning when PRISM fails at run time.
 
     Raises:
