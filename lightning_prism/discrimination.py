@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,6 +99,14 @@ def _check_labels(labels: Tensor, n: int) -> None:
 
 
 # ---------------------------------------------------------------------- k-NN
+def _check_knn_options(k: Any, temperature: Any, chunk_size: Any) -> None:
+    for name, value in (("k", k), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+
+
 def knn_accuracy(
     features: Tensor,
     labels: Tensor,
@@ -149,11 +157,7 @@ def knn_accuracy(
     _check_labels(labels, features.shape[0])
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be integer class labels, got {labels.dtype}")
-    for name, value in (("k", k), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+    _check_knn_options(k, temperature, chunk_size)
     n = features.shape[0]
     classes, target = labels.to(features.device).unique(return_inverse=True)
     if classes.numel() < 2 or n <= k:
@@ -422,11 +426,7 @@ def discrimination(
         raise ValueError(f"expected (N, D) features, got shape {tuple(features.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
-    for name, value in (("k", k), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+    _check_knn_options(k, temperature, chunk_size)
     n = features.shape[0]
     classes, reason = (None, NO_LABELS) if labels is None else _class_labels(labels, n)
     kept = torch.isfinite(features).all(dim=1)

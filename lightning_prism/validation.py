@@ -112,6 +112,13 @@ class ValidationFeatures:
         self._handles: list[RemovableHandle] = []
         self._reset(None, None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (pickle, ``copy.deepcopy``) carries the options, not a pass in flight: its hooks and
+        samples belong to the model of this run."""
+        state = self.__dict__.copy()
+        state.update(_capture=None, _handles=[], _scores=None, _predictions=[], _thumbnails=[])
+        return state
+
     def _reset(self, expected: int | None, cap: int | None) -> None:
         self._expected, self._cap = expected, cap
         self._seen = 0

@@ -114,6 +114,8 @@ class RoundTrips(pl.Callback):
             self.twin.on_validation_epoch_start(trainer, pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and batch_idx == 0:
+            self.check(f"validation batch {trainer.current_epoch}")  # the capture's hooks are on the model
         if self.twin is not None:
             self.twin.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
@@ -141,8 +143,10 @@ def test_a_monitor_pickles_and_deep_copies_at_every_stage_and_its_copy_logs_the_
     train, val = loaders()
     t.fit(TinyClassifier(), train, val)
     assert trips.stages == [
-        "setup", "fit start", "train start", "train epoch 0", "validation 0", "train epoch 1", "validation 1",
-        "train epoch 2", "validation 2", "fit end",
+        "setup", "fit start", "train start",
+        "train epoch 0", "validation batch 0", "validation 0",
+        "train epoch 1", "validation batch 1", "validation 1",
+        "train epoch 2", "validation batch 2", "validation 2", "fit end",
     ]  # fmt: skip
     # The copy made after the first validation logged, in epochs 1 and 2, exactly the original's maps,
     # embedding and numbers: the same probe, colour basis, Grad-CAM and embedding axes.
