@@ -25,14 +25,14 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .capture import MAX_SAMPLES
-from .discrimination import KNN_K, embedding_axes
-from .embedding import embedding_plot, embedding_range, log_embedding
+from .discrimination import KNN_K
+from .embedding import EmbeddingView, log_embedding
 from .engine import BASES, BasisMismatchError
 from .layout import FeatureLayout
 from .loggers import TAKES_PICTURES, Picture, backend, log_pictures, save_file
 from .pca import subspace_similarity
 from .probe import Probe, build_probe, isolated_random_state, loader_samplers
-from .prototypes import DEFAULT_STEPS, class_prototypes
+from .prototypes import DEFAULT_STEPS
 from .recording import record, resolve_module
 from .render import (
     EvolutionHistory,
@@ -43,10 +43,10 @@ from .render import (
     missing_glyphs,
     to_uint8,
 )
-from .scores import TASKS, class_scores, explained_classes, infer_task
+from .scores import TASKS, class_scores, infer_task
 from .separation import class_separation
 from .validation import EpochFeatures, ValidationFeatures
-from .views import VIEWS, ProbeViews, ViewsOutput, captions, label_text, probe_pictures, prototype_classes
+from .views import VIEWS, ProbeViews, ViewsOutput, captions, label_text, probe_pictures, probe_prototypes
 
 __all__ = ["PRISMMonitor", "PRISMMonitorBase"]
 
@@ -442,6 +442,7 @@ class PRISMMonitorBase:
         self._validation_index = 0
 
         self._evolution = EvolutionHistory(evolution_rows)
+        self._embedding = EmbeddingView()
         self._probe_views = ProbeViews(
             self.views,
             extrapolate=extrapolate,
@@ -469,8 +470,7 @@ class PRISMMonitorBase:
         self._final_map: tuple[int, str, FeatureLayout] | None = None
         # the probe's pooled final map and labels, from the last views' pass (marked in the embedding)
         self._probe_pooled: tuple[Tensor, Tensor | None] | None = None
-        self._embedding_axes: Tensor | None = None  # (D, 2) the embedding's axes of the previous pass
-        self._embedding_limit = 0.0  # its axis range so far (the frame only grows)
+        self._embedding.reset()  # the embedding's axes of the previous pass, and its frame
         self._probe_indices: list[int] | None = self.indices
         self._reference: Tensor | None = None  # basis of the previous logged epoch
         self._first: Tensor | None = None  # basis of the first logged epoch
@@ -515,8 +515,8 @@ class PRISMMonitorBase:
             "first": plain(self._first),
             "evolution": self._evolution.state_dict(),
             "baseline_logged": self._baseline_logged,
-            "embedding_axes": plain(self._embedding_axes),
-            "embedding_limit": self._embedding_limit,
+            "embedding_axes": plain(self._embedding.axes),
+            "embedding_limit": self._embedding.limit,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -552,8 +552,8 @@ class PRISMMonitorBase:
         self._reference = tensor(state_dict.get("reference"))
         self._first = tensor(state_dict.get("first"))
         self._baseline_logged = bool(state_dict.get("baseline_logged", False))
-        self._embedding_axes = tensor(state_dict.get("embedding_axes"))
-        self._embedding_limit = float(state_dict.get("embedding_limit", 0.0))
+        self._embedding.axes = tensor(state_dict.get("embedding_axes"))
+        self._embedding.limit = float(state_dict.get("embedding_limit", 0.0))
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -946,31 +946,7 @@ class PRISMMonitorBase:
         """``<prefix>/embedding``: the samples on two principal axes aligned with the previous pass's,
         the probe marked; and the features for each tracker's projector (global rank zero's samples)."""
         kept = features.result.kept
-        points = features.features[kept]
         labels = None if features.labels is None else features.labels[kept.to(features.labels.device)]
-        if points.shape[0] < 2:
-            return
-        reference = self._embedding_axes
-        if reference is not None and reference.shape[0] != points.shape[1]:
-            reference = None  # another model
-        axes = embedding_axes(points, None if reference is None else reference.to(points.device))
-        self._embedding_axes = axes.axes.detach().float().cpu()
-        coords, marks, classes = axes.coords, None, labels
-        if self._probe_pooled is not None and self._probe_pooled[0].shape[1] == points.shape[1]:
-            pooled, probe_labels = self._probe_pooled
-            probe_coords = (pooled.to(points.device) - points.mean(dim=0)) @ axes.axes.to(pooled.dtype)
-            coords = torch.cat([coords, probe_coords.to(coords.dtype)])
-            marks = torch.cat(
-                [torch.zeros(points.shape[0], dtype=torch.bool), torch.ones(len(pooled), dtype=torch.bool)]
-            )
-            if classes is not None and probe_labels is not None and probe_labels.ndim == classes.ndim == 1:
-                classes = torch.cat([classes.long().cpu(), probe_labels.long().cpu()])
-            else:
-                classes = None
-        if classes is not None and classes.ndim != 1:
-            classes = None  # multi-hot labels: no single colour per sample
-        self._embedding_limit = max(self._embedding_limit, embedding_range(coords))
-        row = row or f"epoch {trainer.current_epoch}"
         measured = [
             f"{label} {scalars[f'{self.prefix}/val/{name}']:{fmt}}"
             for name, label, fmt in (
@@ -980,15 +956,15 @@ class PRISMMonitorBase:
             )
             if f"{self.prefix}/val/{name}" in scalars
         ]
-        title = " · ".join([row, *measured])
         names = self.class_names if self.class_names is not None else self._class_names()
-        image = embedding_plot(
-            coords.cpu(), None if classes is None else classes.cpu(), names, marks, title,
-            explained=axes.explained.cpu(), limit=self._embedding_limit, font=self.font,
-        )  # fmt: skip
+        title = " · ".join([row or f"epoch {trainer.current_epoch}", *measured])
+        image = self._embedding.picture(
+            features.features[kept], labels, self._probe_pooled, title, names, font=self.font
+        )
         step = _logging_step(trainer)
         for logger in trainer.loggers:
-            log_pictures(logger, {f"{self.prefix}/embedding": Picture(image)}, step)
+            if image is not None:
+                log_pictures(logger, {f"{self.prefix}/embedding": Picture(image)}, step)
             if self.embedding_samples:
                 own_labels = features.own_labels
                 log_embedding(
@@ -1020,63 +996,33 @@ class PRISMMonitorBase:
         ):
             return
         finite = probe.finite
-        scores = class_scores(out.output, int(finite.sum()))
-        predicted = None
-        if scores is not None:
-            predicted = torch.full((len(finite),), -1, dtype=torch.long, device=scores.device)
-            predicted[finite.to(scores.device)] = explained_classes(scores)
-        labels = probe.labels
-        classes = prototype_classes(labels, None if predicted is None else predicted[predicted >= 0])
-        if not classes:
-            return
-        images = probe.images
-        channels = images.shape[1]
-        init = None
-        if channels != 3:  # a grey (or other) model: start from grey in its input space
-            grey = torch.full((1, channels, *images.shape[-2:]), 0.5, device=images.device)
-            init = (
-                grey
-                if self.mean is None
-                else (grey - images.new_tensor(self.mean).view(1, -1, 1, 1))
-                / images.new_tensor(self.std).view(1, -1, 1, 1)
-            )
-        # Grey probe images shown as colour ones (every channel alike): grey prototypes, as the model saw.
-        shown = denormalize(images[finite], self.mean, self.std)
-        grey = channels == 3 and bool((shown - shown[:, :1]).abs().amax() < 1e-3)
         with eager(), trainer.precision_plugin.forward_context():
-            result = class_prototypes(
+            found = probe_prototypes(
                 self._target(pl_module),
-                classes,
-                tuple(images.shape[-2:]),
+                probe.images,
+                probe.labels,
+                class_scores(out.output, int(finite.sum())),
+                finite,
                 mean=self.mean,
                 std=self.std,
                 steps=self.prototype_steps,
-                init=init,
-                grey=grey,
             )
+        if found is None:
+            return
         names = self.class_names if self.class_names is not None else probe.class_names
-        texts = [
-            f"{label_text(c, names)} {p:.2f}"
-            for c, p in zip(classes, result.probabilities.tolist(), strict=True)
-        ]
-        tiles = result.display.float().cpu()
-        if tiles.shape[1] != 3:  # grey prototypes, drawn as grey pictures
-            tiles = tiles[:, :1].expand(-1, 3, -1, -1)
+        probabilities = found.result.probabilities.tolist()
+        texts = [f"{label_text(c, names)} {p:.2f}" for c, p in zip(found.classes, probabilities, strict=True)]
         separate = any(backend(logger) == "wandb" for logger in trainer.loggers)
-        grid = caption_grid(tiles, texts, font=self.font)
-        picture = Picture(grid, to_uint8(display_tiles(tiles)), texts) if separate else Picture(grid)
+        grid = caption_grid(found.tiles, texts, font=self.font)
+        picture = Picture(grid, to_uint8(display_tiles(found.tiles)), texts) if separate else Picture(grid)
         step = _logging_step(trainer)
         for logger in trainer.loggers:
             log_pictures(logger, {f"{self.prefix}/prototypes": picture}, step)
         if self.evolution_strip and trainer.state.fn == "fit" and self.evolution_view == "prototypes":
             inputs = None
-            if not self._evolution.has_inputs:  # the first probe image of each class, above its prototypes
-                by = labels if labels is not None and labels.ndim == 1 else predicted
-                shown = denormalize(images, self.mean, self.std)
-                inputs = to_uint8(
-                    torch.stack([shown[int((by.to(shown.device) == c).nonzero()[0, 0])] for c in classes])
-                )
-            self._evolution.add(row or f"epoch {trainer.current_epoch}", to_uint8(tiles), inputs)
+            if not self._evolution.has_inputs and found.examples:  # one probe image of each class above
+                inputs = to_uint8(denormalize(probe.images[found.examples], self.mean, self.std))
+            self._evolution.add(row or f"epoch {trainer.current_epoch}", to_uint8(found.tiles), inputs)
 
     def _class_names(self) -> list[str] | None:
         return None if self._probe is None else self._probe.class_names

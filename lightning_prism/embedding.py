@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .discrimination import embedding_axes
 from .loggers import backend
 from .pca import principal_components
 from .render import _drawable, _shorten, load_font
@@ -41,6 +42,7 @@ __all__ = [
     "SPRITE_LIMIT",
     "THUMBNAIL_LIMIT",
     "WANDB_DIMENSIONS",
+    "EmbeddingView",
     "embedding_plot",
     "embedding_range",
     "log_embedding",
@@ -570,3 +572,67 @@ def log_embedding(
         for path in paths:
             logger.experiment.log_artifact(logger.run_id, path, artifact_path=artifact_path)
     return True
+
+
+class EmbeddingView:
+    """The ``<prefix>/embedding`` picture of successive passes over the validation set, kept comparable:
+    each pass's two principal axes are matched (order and sign) to the previous pass's, as PRISM's colour
+    basis is, and the frame only grows, so a cluster keeps its place from picture to picture.
+
+    Attributes:
+        axes: ``(D, 2)`` the previous pass's axes (saved in checkpoints), or ``None``.
+        limit: the frame's half-width so far.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.axes: Tensor | None = None
+        self.limit = 0.0
+
+    def picture(
+        self,
+        features: Tensor,
+        labels: Tensor | None,
+        marked: tuple[Tensor, Tensor | None] | None,
+        title: str,
+        class_names: Sequence[str] | None,
+        font: str | None = None,
+    ) -> np.ndarray | None:
+        """The samples on the pass's aligned axes, and the probe's images ringed.
+
+        Args:
+            features: ``(M, D)`` finite pooled features of the samples.
+            labels: ``(M,)`` class indices (a colour each), or ``None`` (multi-hot labels too).
+            marked: the probe's ``(P, D)`` pooled features and ``(P,)`` labels, drawn ringed, or ``None``.
+            title: the picture's title.
+            class_names: the legend's names by class index.
+            font: caption font path, or ``None``.
+
+        Returns:
+            ``(H, W, 3)`` uint8, or ``None`` with fewer than two samples.
+        """
+        if features.shape[0] < 2:
+            return None
+        reference = self.axes if self.axes is not None and self.axes.shape[0] == features.shape[1] else None
+        found = embedding_axes(features, None if reference is None else reference.to(features.device))
+        self.axes = found.axes.detach().float().cpu()
+        coords, marks = found.coords, None
+        classes = labels if labels is not None and labels.ndim == 1 else None
+        if marked is not None and marked[0].shape[1] == features.shape[1]:
+            pooled, probe_labels = marked
+            probe_coords = (pooled.to(features.device) - features.mean(dim=0)) @ found.axes.to(pooled.dtype)
+            coords = torch.cat([coords, probe_coords.to(coords.dtype)])
+            marks = torch.cat(
+                [torch.zeros(len(features), dtype=torch.bool), torch.ones(len(pooled), dtype=torch.bool)]
+            )
+            if classes is not None and probe_labels is not None and probe_labels.ndim == 1:
+                classes = torch.cat([classes.long().cpu(), probe_labels.long().cpu()])
+            else:
+                classes = None
+        self.limit = max(self.limit, embedding_range(coords))
+        return embedding_plot(
+            coords.cpu(), None if classes is None else classes.cpu(), class_names, marks, title,
+            explained=found.explained.cpu(), limit=self.limit, font=font,
+        )  # fmt: skip

@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from .engine import BasisMismatchError, PRISMResult, prism
 from .gradients import _grad_cam, _prism_and_grad_cam, attention_input, saliency
 from .loggers import Picture
+from .prototypes import PrototypeResult, class_prototypes
 from .render import (
     caption_grid,
+    denormalize,
     display_tiles,
     heat_overlay,
     overlay,
@@ -32,18 +34,20 @@ from .render import (
     views_grid,
     with_invalid_tiles,
 )
-from .scores import predictions
+from .scores import explained_classes, predictions
 
 __all__ = [
     "PROBE_VIEWS",
     "PROTOTYPE_CLASSES",
     "SALIENCY_CLIP",
     "VIEWS",
+    "ProbePrototypes",
     "ProbeViews",
     "ViewsOutput",
     "captions",
     "label_text",
     "probe_pictures",
+    "probe_prototypes",
     "prototype_classes",
 ]
 
@@ -425,3 +429,72 @@ def prototype_classes(
     else:
         return []
     return sorted(int(c) for c in found.tolist())[:limit]
+
+
+@dataclass
+class ProbePrototypes:
+    """The class prototypes of a probe's classes (:func:`probe_prototypes`).
+
+    Attributes:
+        classes: the classes, in order.
+        result: :func:`~lightning_prism.class_prototypes`'s result.
+        tiles: ``(K, 3, H, W)`` the prototypes to draw, in ``[0, 1]`` (grey ones in all three channels).
+        examples: ``(K,)`` the position in the probe of one image of each class (its first).
+    """
+
+    classes: list[int]
+    result: PrototypeResult
+    tiles: Tensor
+    examples: list[int]
+
+
+def probe_prototypes(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor | None,
+    scores: Tensor | None,
+    finite: Tensor,
+    *,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    steps: int,
+) -> ProbePrototypes | None:
+    """The class prototype of every class of the probe (:func:`prototype_classes`), in the probe's image
+    size and the model's normalisation; grey ones when the probe's images are grey images shown as colour
+    ones (every channel alike, as the model saw them). ``None`` without a class.
+
+    Args:
+        model: the module whose forward takes the images.
+        images: ``(N, C, H, W)`` the probe's images, as the model takes them.
+        labels: ``(N,)`` or ``(N, K)`` the probe's labels, or ``None``.
+        scores: ``(M, K)`` the model's scores of the ``M`` finite images, or ``None``.
+        finite: ``(N,)`` bool, which images are finite.
+        mean, std: the input normalisation.
+        steps: optimisation steps.
+    """
+    predicted = None
+    if scores is not None:
+        predicted = torch.full((len(finite),), -1, dtype=torch.long, device=scores.device)
+        predicted[finite.to(scores.device)] = explained_classes(scores)
+    classes = prototype_classes(labels, None if predicted is None else predicted[predicted >= 0])
+    if not classes:
+        return None
+    channels = images.shape[1]
+    init = None
+    if channels != 3:  # a model of one (or more) channels: start from grey in its input space
+        init = torch.full((1, channels, *images.shape[-2:]), 0.5, device=images.device)
+        if mean is not None and std is not None:
+            init = (init - images.new_tensor(mean).view(1, -1, 1, 1)) / images.new_tensor(std).view(
+                1, -1, 1, 1
+            )
+    shown = denormalize(images[finite], mean, std)
+    grey = channels == 3 and bool((shown - shown[:, :1]).abs().amax() < 1e-3)
+    result = class_prototypes(
+        model, classes, tuple(images.shape[-2:]), mean=mean, std=std, steps=steps, init=init, grey=grey
+    )
+    tiles = result.display.float().cpu()
+    if tiles.shape[1] != 3:  # a one-channel model's prototypes, drawn grey
+        tiles = tiles[:, :1].expand(-1, 3, -1, -1)
+    by = labels if labels is not None and labels.ndim == 1 else predicted
+    examples = [int((by.to(images.device) == c).nonzero()[0, 0]) for c in classes] if by is not None else []
+    return ProbePrototypes(classes, result, tiles, examples)

@@ -391,3 +391,22 @@ def test_other_loggers_take_nothing_and_bad_input_is_refused(tmp_path):
         log_embedding(tb, "e", data["features"], 0, thumbnails=torch.rand(10, 2, 8, 8), max_points=4)
     with pytest.raises(ValueError, match="max_points must be a positive integer, got 0"):
         log_embedding(tb, "e", data["features"], 0, max_points=0)
+
+
+def test_the_embedding_view_keeps_its_axes_and_its_frame_from_pass_to_pass():
+    from lightning_prism.embedding import EmbeddingView, embedding_range
+
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(40, 6, generator=generator) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.2, 0.1])
+    view = EmbeddingView()
+    assert view.picture(first[:1], None, None, "one", None) is None  # nothing to draw
+    picture = view.picture(first, torch.arange(40) % 3, None, "first", ["a", "b", "c"])
+    assert picture.ndim == 3 and picture.dtype == np.uint8
+    axes, limit = view.axes.clone(), view.limit
+    assert axes.shape == (6, 2) and limit >= embedding_range((first - first.mean(0)) @ axes)
+    # Half the spread and the order of the samples turned around: the same axes (aligned with the
+    # previous pass's), and a frame that does not shrink; the probe's points ringed on them.
+    second = first.flip(0) * 0.5
+    view.picture(second, None, (second[:4], None), "second", None)
+    torch.testing.assert_close(view.axes, axes, atol=1e-5, rtol=0)
+    assert view.limit == limit
