@@ -197,9 +197,9 @@ class PRISMMonitorBase:
     first optimiser step, at step 0 (the strip's row "before"; ``similarity/first`` and
     ``basis="fixed"`` refer to it), from one pass over the validation data.
 
-    During a monitored validation epoch the model carries two forward hooks of the monitor (on the
-    module that hands on PRISM's final feature map, and on the forward's module, for the predictions),
-    attached when the epoch starts and removed when it ends, before the probe's forward, and on every
+    During a monitored validation epoch the model carries a forward hook of the monitor on the module
+    that hands on PRISM's final feature map, and one on the forward's module for the predictions the
+    projectors show (not with ``embedding_samples=0``), attached when the epoch starts and removed when it ends, before the probe's forward, and on every
     exception; during training steps none. Its own forwards run eagerly in a ``torch.compile``'d model.
     The global random state is left as found. A failure at run time is one warning per cause and training goes on, unless ``strict=True``. A
     probe image with NaN or infinite values is named in a warning and shown as an invalid tile; the
@@ -633,6 +633,7 @@ class PRISMMonitorBase:
                 layout,
                 world_size=trainer.world_size,
                 expected=_expected_samples(loader, trainer.num_val_batches[self._validation_index]),
+                predictions=self.embedding_samples > 0,
             )
         except Exception as error:
             self._validation.remove()
@@ -895,6 +896,7 @@ class PRISMMonitorBase:
                         target,
                         world_size=trainer.world_size,
                         expected=_expected_samples(loader, limit),
+                        predictions=self.embedding_samples > 0,
                     )
             finally:
                 for module, flag in zip(modules, training, strict=True):

@@ -140,9 +140,10 @@ class ValidationFeatures:
         *,
         world_size: int = 1,
         expected: int | None = None,
+        predictions: bool = True,
     ) -> None:
-        """Put the hooks on: the capture on ``layer`` of ``model``, and one on ``model`` itself that
-        keeps a reference to its class scores.
+        """Put the hooks on: the capture on ``layer`` of ``model`` and, with ``predictions``, one on
+        ``model`` itself that keeps a reference to its class scores (the predictions the projectors show).
 
         Args:
             model: the module whose forward takes the images.
@@ -150,12 +151,14 @@ class ValidationFeatures:
             layout: how that layer's tensor reads as ``(N, C, h, w)``.
             world_size: ranks sharing the pass (each keeps its share of ``max_samples``).
             expected: samples this rank will see in the pass, if known (for an even spread).
+            predictions: keep each sample's predicted class too.
         """
         self.remove()
         module, is_input = resolve_module(model, layer, allow_input=True)
         cap = math.ceil(self.max_samples / world_size)
         self._capture = FeatureCapture(module, layout, is_input=is_input, max_samples=cap).attach()
-        self._handles.append(model.register_forward_hook(self._on_output))
+        if predictions:
+            self._handles.append(model.register_forward_hook(self._on_output))
         self._reset(expected, cap)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -192,7 +195,7 @@ class ValidationFeatures:
         scores, self._scores = self._scores, None
         if not kept:
             return
-        if scores is not None and scores.shape[0] == count:
+        if self._handles and scores is not None and scores.shape[0] == count:
             chosen = scores if select is None else scores[select.to(scores.device)]
             self._predictions.append(explained_classes(chosen[:kept].detach()))
         else:
@@ -247,11 +250,12 @@ class ValidationFeatures:
         *,
         world_size: int = 1,
         expected: int | None = None,
+        predictions: bool = True,
     ) -> None:
         """The pass over ``batches`` outside the validation loop: :meth:`start`, then for every batch
         ``forward(images)`` and :meth:`take`, until ``max_samples`` are kept (call :meth:`finish`
         afterwards, which finds the hooks already off)."""
-        self.start(model, layer, layout, world_size=world_size, expected=expected)
+        self.start(model, layer, layout, world_size=world_size, expected=expected, predictions=predictions)
         try:
             for batch in batches:
                 if not self.active or self._capture is None or self._capture.full:

@@ -130,6 +130,11 @@ def test_training_and_the_validation_outputs_are_bit_identical_with_and_without_
     assert max(with_capture.hook_counts) == 0 and max(without.hook_counts) == 0
     assert with_capture.val_hook_counts[0] == 0 and set(with_capture.val_hook_counts[1:]) == {2}
     assert set(without.val_hook_counts) == {0}
+    # Without the projectors (which show each sample's prediction): the one hook on PRISM's final layer.
+    module, (train, val) = Validating(), loaders()
+    monitor = PRISMMonitor(num_images=4, knn_k=K, embedding_samples=0, baseline=False)
+    trainer(tmp_path / "features only", [monitor], max_epochs=1).fit(module, train, val)
+    assert set(module.val_hook_counts[1:]) == {1}
 
 
 class FailsInValidation(TinyClassifier):
