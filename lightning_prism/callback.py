@@ -924,6 +924,13 @@ class PRISMMonitorBase:
         """The validation set's metrics as scalars (the same on every rank), one warning for what is
         absent and why, and from rank zero the embedding's picture and projectors."""
         if features is None:
+            if self._validation.seen:
+                self._warn_once(
+                    "validation-nothing",
+                    f"PRISMMonitor's validation-set metrics: the validation batches ({self._validation.seen} samples on "
+                    "this rank) went by without a feature map of PRISM's final layer, so there are none this time "
+                    "(does validation_step run the model's forward on the images?).",
+                )
             return {}
         note = features.result.note
         if note is not None:

@@ -128,6 +128,11 @@ class ValidationFeatures:
         self._no_predictions = False
 
     @property
+    def seen(self) -> int:
+        """Samples of this rank's current (or last) pass that reached :meth:`take`."""
+        return self._seen
+
+    @property
     def active(self) -> bool:
         """Whether a pass is under way (its hooks are on the model)."""
         return self._capture is not None and self._capture.attached

@@ -282,3 +282,18 @@ def test_the_projector_through_the_real_tensorboard_server(tmp_path):
         ]
         sprite = Image.open(io.BytesIO(http_get(f"{projector}/sprite_image?{query}")))
         assert sprite.size[0] == sprite.size[1] > 0
+
+
+class SkipsTheModel(TinyClassifier):
+    """A validation step that does not run the model (it logs a constant): the capture sees nothing."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(0.0))
+
+
+def test_validation_steps_that_do_not_run_the_model_are_said_once(tmp_path):
+    train, val = loaders()
+    t = trainer(tmp_path, [PRISMMonitor(num_images=4, knn_k=K, baseline=False)], max_epochs=2)
+    messages = validation_warnings(lambda: t.fit(SkipsTheModel(), train, val))
+    assert len(messages) == 1 and "went by without a feature map of PRISM's final layer" in messages[0]
+    assert "prism/val/effective_rank" not in events(t.logger.log_dir).Tags()["scalars"]
