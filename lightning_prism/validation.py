@@ -211,7 +211,7 @@ class ValidationFeatures:
 
     def _thumbnail(self, images: Tensor) -> Tensor:
         """``(n, C, 32, 32)`` uint8: averaged down first (an anti-aliased reduction), then de-normalised
-        (a per-channel affine map, which commutes with averaging: a fifth of the cost the other way)."""
+        (a per-channel affine map, which commutes with averaging), so only the small images are mapped."""
         with torch.no_grad():
             small = F.adaptive_avg_pool2d(images.detach().float(), THUMBNAIL)
             shown = denormalize(small, self.mean, self.std)
