@@ -230,11 +230,19 @@ def served_image(base: str, entry: dict) -> np.ndarray:
 
 def finished_records(run_dir: Path) -> list:
     """The records of an offline W&B run once its transaction log ends with the exit record: W&B's
-    service may still be writing it when ``wandb.finish()`` returns (seen on a process's first run)."""
+    service may still be writing it when ``wandb.finish()`` returns (seen on a process's first run), so
+    a read can also meet a record cut off mid-write (a ``DecodeError``): read again until it is whole."""
+    from google.protobuf.message import DecodeError
+
     (log,) = glob.glob(str(run_dir / "run-*.wandb"))
     deadline = time.monotonic() + 30
     while True:
-        records = wandb_records(log)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
+        try:
+            records = wandb_records(log)
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+                return records
         time.sleep(0.2)
